@@ -1,0 +1,238 @@
+"""Import and export of official PyTorch DiT weights (facebookresearch/DiT).
+
+Accepted inputs: a released plain `state_dict` (e.g. `DiT-XL-2-256x256.pt`) and checkpoints of
+the official `train.py` (`{"model", "ema", "opt", "args"}`). torch is needed only here (and
+imported lazily), so the rest of dit-jax runs without it.
+
+Command line (writes an orbax checkpoint with the params and the model config):
+  python -m dit_jax.convert --torch DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \
+      --out checkpoints/dit_xl2_256
+and the reverse:
+  python -m dit_jax.convert --from-checkpoint checkpoints/dit_xl2_256 --torch-out out.pt
+"""
+import argparse
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from dit_jax.models import (DiT, abstract_params, create_model, stack_block_params,
+                            unstack_block_params)
+from dit_jax.models.layers import pos_embed_2d
+
+POS_EMBED_KEY = "pos_embed"
+
+# Flax module names that differ from the official torch module names.
+_RENAMES = (
+    (re.compile(r"^blocks_(\d+)$"), r"blocks.\1"),
+    (re.compile(r"^mlp_(\d+)$"), r"mlp.\1"),
+    (re.compile(r"^adaLN_modulation$"), "adaLN_modulation.1"),  # torch: Sequential(SiLU, Linear)
+    (re.compile(r"^x_embedder$"), "x_embedder.proj"),
+    (re.compile(r"^(kernel|embedding)$"), "weight"),
+)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """Flax parameter path (unscanned layout) -> official state_dict key."""
+  parts = []
+  for name in path:
+    for pattern, replacement in _RENAMES:
+      if pattern.match(name):
+        name = pattern.sub(replacement, name)
+        break
+    parts.append(name)
+  return ".".join(parts)
+
+
+def _layout(path: tuple[str, ...], shape: tuple[int, ...],
+            model: DiT) -> tuple[tuple[int, ...], Callable, Callable]:
+  """(torch shape, torch->flax, flax->torch) for one parameter of the given flax shape."""
+  identity = lambda a: a  # noqa: E731
+  if path[-1] == "kernel" and path[0] == "x_embedder":
+    # torch Conv2d weight [D, C, p, p]; ours the same kernel as a [p*p*C, D] Dense.
+    p, c, d = model.patch_size, model.in_channels, shape[1]
+    return ((d, c, p, p), lambda a: a.transpose(2, 3, 1, 0).reshape(p * p * c, d),
+            lambda a: a.reshape(p, p, c, d).transpose(3, 2, 0, 1))
+  if path[-1] == "kernel":  # torch Linear weight is [out, in].
+    return shape[::-1], lambda a: a.T, lambda a: a.T
+  return shape, identity, identity
+
+
+def _unscanned_model(model: DiT) -> DiT:
+  return model.clone(scan_blocks=False, remat_policy=None)
+
+
+def _flat_paths(tree: Any) -> dict[tuple[str, ...], Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = value
+  return tree
+
+
+def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
+  """Reads a released state_dict or an official train.py checkpoint into numpy arrays."""
+  import argparse as _argparse  # the train.py checkpoints pickle an argparse.Namespace.
+  import torch
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--torch: no such file {path}")
+  with torch.serialization.safe_globals([_argparse.Namespace]):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(checkpoint, dict):
+    raise ValueError(f"{path}: expected a state_dict or a train.py checkpoint dict, got "
+                     f"{type(checkpoint).__name__}")
+  if "model" in checkpoint and isinstance(checkpoint["model"], dict):  # official train.py
+    which = "ema" if use_ema else "model"
+    if which not in checkpoint:
+      raise KeyError(f"{path}: training checkpoint has no '{which}' entry "
+                     f"(has {sorted(checkpoint)})")
+    checkpoint = checkpoint[which]
+  state = {}
+  for key, value in checkpoint.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor")
+    state[key] = value.detach().to(torch.float32).numpy()
+  # Tolerate wrappers that prefix every key (DistributedDataParallel, torch.compile).
+  for prefix in ("module.", "_orig_mod."):
+    if state and all(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items()}
+  return state
+
+
+def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
+                          source: str = "state_dict") -> dict[str, Any]:
+  """Official state_dict (numpy) -> Flax params for `model`; checks every key and shape."""
+  expected = _flat_paths(abstract_params(_unscanned_model(model)))
+  flat, seen = {}, {POS_EMBED_KEY}
+  for path, leaf in expected.items():
+    key = torch_key(path)
+    torch_shape, to_flax, _ = _layout(path, tuple(leaf.shape), model)
+    if key not in state:
+      raise KeyError(f"{source}: missing key '{key}' (shape {torch_shape}) required by {_name(model)}")
+    if tuple(state[key].shape) != torch_shape:
+      raise ValueError(f"{source}: key '{key}' has shape {tuple(state[key].shape)} but "
+                       f"{_name(model)} expects {torch_shape}")
+    flat[path] = np.asarray(to_flax(state[key]), dtype=model.param_dtype)
+    seen.add(key)
+  extra = sorted(set(state) - seen)
+  if extra:
+    raise ValueError(f"{source}: unexpected key(s) {extra[:5]} for {_name(model)} "
+                     f"({len(extra)} in all)")
+  _check_pos_embed(state.get(POS_EMBED_KEY), model, source)
+  params = _unflatten(flat)
+  return stack_block_params(params, model.depth) if model.scan_blocks else params
+
+
+def _check_pos_embed(table: Any, model: DiT, source: str) -> None:
+  expected = pos_embed_2d(model.hidden_size, model.input_size // model.patch_size)[None]
+  if table is None:
+    raise KeyError(f"{source}: missing key '{POS_EMBED_KEY}' (shape {expected.shape})")
+  if table.shape != expected.shape:
+    raise ValueError(f"{source}: key '{POS_EMBED_KEY}' has shape {table.shape} but "
+                     f"{_name(model)} expects {expected.shape} (wrong image size?)")
+  if not np.allclose(table, expected, atol=1e-5):
+    raise ValueError(f"{source}: '{POS_EMBED_KEY}' is not the fixed 2-D sin-cos table")
+
+
+def _name(model: DiT) -> str:
+  return (f"DiT(depth={model.depth}, hidden={model.hidden_size}, patch={model.patch_size}, "
+          f"input={model.input_size})")
+
+
+def load_torch_checkpoint(path: str, model: DiT, use_ema: bool = True) -> dict[str, Any]:
+  """Official PyTorch DiT file -> Flax params for `model` (in its block layout).
+
+  Args:
+    path: a released state_dict (`DiT-XL-2-256x256.pt`) or an official train.py checkpoint.
+    model: the DiT the weights are for; every key and shape is checked against it.
+    use_ema: for train.py checkpoints, take the EMA weights (default) or the raw `model` ones.
+  """
+  return from_torch_state_dict(read_torch_file(path, use_ema), model, source=path)
+
+
+def to_torch_state_dict(params: dict[str, Any], model: DiT) -> dict[str, np.ndarray]:
+  """Flax params -> the official state_dict layout (numpy float32), including `pos_embed`."""
+  if model.scan_blocks or "blocks" in params:
+    params = unstack_block_params(params)
+  state = {POS_EMBED_KEY: pos_embed_2d(
+      model.hidden_size, model.input_size // model.patch_size)[None].astype(np.float32)}
+  expected = _flat_paths(abstract_params(_unscanned_model(model)))
+  flat = _flat_paths(params)
+  if set(flat) != set(expected):
+    diff = sorted(set(flat) ^ set(expected))[:5]
+    raise ValueError(f"params: tree does not match {_name(model)}; differing paths {diff}")
+  for path, value in flat.items():
+    _, _, to_torch = _layout(path, tuple(expected[path].shape), model)
+    state[torch_key(path)] = np.ascontiguousarray(to_torch(np.asarray(value, np.float32)))
+  return state
+
+
+def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None:
+  """Writes a state_dict that the official `DiT.load_state_dict(strict=True)` accepts."""
+  import torch
+
+  if os.path.exists(path):
+    raise FileExistsError(f"--torch-out: {path} already exists; refusing to overwrite it")
+  state = {k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, model).items()}
+  torch.save(state, path)
+
+
+def main(argv: Any = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--torch", help="official .pt file to import")
+  parser.add_argument("--model", help="variant, e.g. DiT-XL/2")
+  parser.add_argument("--image-size", type=int, default=256, help="pixels (latent = size / 8)")
+  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--in-channels", type=int, default=4)
+  parser.add_argument("--no-learn-sigma", action="store_true")
+  for field in ("depth", "hidden-size", "num-heads"):
+    parser.add_argument(f"--{field}", type=int, help=f"override the variant's {field} "
+                        "(custom-size models)")
+  parser.add_argument("--use-model-weights", action="store_true",
+                      help="train.py checkpoints: take 'model' instead of 'ema'")
+  parser.add_argument("--out", help="orbax checkpoint directory to create (must not exist)")
+  parser.add_argument("--from-checkpoint", help="orbax checkpoint directory to export")
+  parser.add_argument("--torch-out", help="state_dict .pt to write (must not exist)")
+  args = parser.parse_args(argv)
+
+  from dit_jax import checkpoints  # orbax only when writing or reading checkpoints.
+  if args.from_checkpoint:
+    if not args.torch_out:
+      parser.error("--from-checkpoint needs --torch-out")
+    if os.path.exists(args.torch_out):
+      parser.error(f"--torch-out: {args.torch_out} already exists; refusing to overwrite it")
+    model, params = checkpoints.load_params(args.from_checkpoint)
+    save_torch_checkpoint(params, model, args.torch_out)
+    print(f"wrote {args.torch_out}")
+    return
+  if not (args.torch and args.model and args.out):
+    parser.error("import needs --torch, --model and --out")
+  if args.image_size % 8:
+    parser.error(f"--image-size: {args.image_size} is not a multiple of 8 (the VAE factor)")
+  out = os.path.abspath(args.out)
+  if os.path.exists(out) and os.listdir(out):
+    parser.error(f"--out: {out} already exists and is not empty; refusing to overwrite it")
+  model = create_model(args.model, input_size=args.image_size // 8,
+                       num_classes=args.num_classes, in_channels=args.in_channels,
+                       learn_sigma=not args.no_learn_sigma,
+                       **{k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
+                                            ("num_heads", args.num_heads)) if v is not None})
+  params = load_torch_checkpoint(args.torch, model, use_ema=not args.use_model_weights)
+  checkpoints.save_params(out, params, model, extra_config={
+      "source": os.path.abspath(args.torch), "variant": args.model,
+      "image_size": args.image_size})
+  print(f"wrote {out} ({args.model}, {args.image_size} px)")
+
+
+if __name__ == "__main__":
+  main()

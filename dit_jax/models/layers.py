@@ -1,0 +1,212 @@
+"""Building blocks of DiT: embedders, the adaLN-Zero transformer block and the final layer.
+
+Every kernel carries logical axis names (see `LOGICAL_AXES` in `dit.py`) so that a config can
+map them to mesh axes for data-parallel, FSDP or tensor sharding. Parameter names follow the
+official PyTorch module names (`attn.qkv`, `mlp.fc1`, `adaLN_modulation`, ...) so that weight
+conversion is a rename plus a transpose.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# The official code initializes every Linear with xavier-uniform and a zero bias; flax's
+# xavier_uniform on a [fan_in, fan_out] kernel is the same distribution as torch's on [out, in].
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+# Rng stream used by classifier-free-guidance label dropout during training.
+LABEL_DROPOUT_RNG = "label_dropout"
+
+
+def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
+          kernel_init=xavier_uniform) -> nn.Dense:
+  """A Dense whose kernel `[in, out]` and bias `[out]` carry logical axis names `axes`."""
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(zeros, axes[1:]))
+
+
+def layer_norm(dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+  """LayerNorm without scale/bias, eps 1e-6; exact two-pass variance like torch."""
+  return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, use_fast_variance=False,
+                      dtype=dtype, name=name)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation. x: [batch, tokens, hidden]; shift, scale: [batch, hidden]."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of (possibly fractional) timesteps, ordered [cos, sin] as upstream.
+
+  Args:
+    t: [batch] raw timestep numbers (0..999 for the 1000-step process).
+  Returns:
+    [batch, dim] float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position table [grid_size**2, embed_dim], computed in float64.
+
+  Tokens are row-major. The first half of the channels encodes the column (x) index and the
+  second half the row (y) index, as in the official table (MAE's get_2d_sincos_pos_embed).
+  """
+  coords = np.arange(grid_size, dtype=np.float64)
+  cols, rows = np.meshgrid(coords, coords)  # cols varies along a row: row-major tokens.
+
+  def encode_1d(pos: np.ndarray, dim: int) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([encode_1d(cols, embed_dim // 2), encode_1d(rows, embed_dim // 2)], axis=1)
+
+
+class TimestepEmbedder(nn.Module):
+  """Timestep t -> [batch, hidden]: sinusoid(256) -> Linear -> SiLU -> Linear."""
+  hidden_size: int
+  frequency_embedding_size: int = 256
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    x = timestep_features(t, self.frequency_embedding_size).astype(self.dtype)
+    x = dense(self.hidden_size, ("time_freq", "time_embed"), "mlp_0", self.dtype,
+              self.param_dtype, kernel_init=normal_002)(x)
+    x = nn.silu(x)
+    return dense(self.hidden_size, ("time_embed", "embed"), "mlp_2", self.dtype,
+                 self.param_dtype, kernel_init=normal_002)(x)
+
+
+class LabelEmbedder(nn.Module):
+  """Class labels -> [batch, hidden], with label dropout for classifier-free guidance.
+
+  The table has num_classes + 1 rows when dropout is enabled; row num_classes is the null
+  class. In training each label becomes the null class with probability `dropout_prob`.
+  """
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels: jax.Array, train: bool,
+               force_drop_ids: Optional[jax.Array] = None) -> jax.Array:
+    use_cfg_embedding = int(self.dropout_prob > 0)
+    table = nn.Embed(self.num_classes + use_cfg_embedding, self.hidden_size, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="embedding_table",
+                     embedding_init=nn.with_logical_partitioning(normal_002, ("classes", "embed")))
+    if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+      if force_drop_ids is None:
+        rng = self.make_rng(LABEL_DROPOUT_RNG)
+        drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
+      else:
+        drop = force_drop_ids == 1
+      labels = jnp.where(drop, self.num_classes, labels)
+    return table(labels)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection split as (3, heads, head_dim)."""
+  hidden_size: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention: None, "xla", "cudnn".
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, tokens, hidden] -> [batch, tokens, hidden]."""
+    batch, tokens, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    qkv = dense(3 * self.hidden_size, ("embed", "qkv"), "qkv", self.dtype, self.param_dtype)(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
+                                       implementation=self.implementation)
+    out = out.reshape(batch, tokens, self.hidden_size)
+    return dense(self.hidden_size, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(out)
+
+
+class Mlp(nn.Module):
+  """Linear(D -> mlp_dim) -> GELU(tanh) -> Linear(mlp_dim -> D)."""
+  hidden_size: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = dense(self.mlp_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+    x = nn.gelu(x, approximate=True)
+    return dense(self.hidden_size, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+
+
+class DiTBlock(nn.Module):
+  """Transformer block with adaLN-Zero conditioning.
+
+  The modulation Linear is zero-initialized (the "Zero" of adaLN-Zero): every gate starts at
+  zero, so each block starts as the identity and the network as a whole outputs zeros.
+  The signature (carry, c) -> (carry, None) lets the same module run under `nn.scan`.
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, None]:
+    """x: [batch, tokens, hidden]; c: [batch, hidden] conditioning."""
+    mod = dense(6 * self.hidden_size, ("embed", "adaln"), "adaLN_modulation", self.dtype,
+                self.param_dtype, kernel_init=zeros)(nn.silu(c))
+    # Upstream chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype,
+                     self.attention_impl, name="attn")
+    h = modulate(layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
+    x = x + gate_msa[:, None, :] * attn(h)
+    mlp = Mlp(self.hidden_size, int(self.hidden_size * self.mlp_ratio), self.dtype,
+              self.param_dtype, name="mlp")
+    h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+    x = x + gate_mlp[:, None, :] * mlp(h)
+    return x, None
+
+
+class FinalLayer(nn.Module):
+  """adaLN (shift, scale) -> LayerNorm -> Linear(D -> p*p*C_out); all zero-initialized."""
+  hidden_size: int
+  patch_size: int
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """x: [batch, tokens, hidden] -> [batch, tokens, patch*patch*out_channels]."""
+    mod = dense(2 * self.hidden_size, ("embed", "adaln"), "adaLN_modulation", self.dtype,
+                self.param_dtype, kernel_init=zeros)(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    x = modulate(layer_norm(self.dtype, "norm_final")(x), shift, scale)
+    features = self.patch_size * self.patch_size * self.out_channels
+    return dense(features, ("embed", "out_patch"), "linear", self.dtype, self.param_dtype,
+                 kernel_init=zeros)(x)
