@@ -94,7 +94,7 @@ def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
   if "model" in checkpoint and isinstance(checkpoint["model"], dict):  # official train.py
     which = "ema" if use_ema else "model"
     if which not in checkpoint:
-      raise KeyError(f"{path}: training checkpoint has no '{which}' entry "
+      raise ValueError(f"{path}: training checkpoint has no '{which}' entry "
                      f"(has {sorted(checkpoint)})")
     checkpoint = checkpoint[which]
   state = {}
@@ -118,7 +118,7 @@ def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
     key = torch_key(path)
     torch_shape, to_flax, _ = _layout(path, tuple(leaf.shape), model)
     if key not in state:
-      raise KeyError(f"{source}: missing key '{key}' (shape {torch_shape}) required by {_name(model)}")
+      raise ValueError(f"{source}: missing key '{key}' (shape {torch_shape}) required by {_name(model)}")
     if tuple(state[key].shape) != torch_shape:
       raise ValueError(f"{source}: key '{key}' has shape {tuple(state[key].shape)} but "
                        f"{_name(model)} expects {torch_shape}")
@@ -136,7 +136,7 @@ def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
 def _check_pos_embed(table: Any, model: DiT, source: str) -> None:
   expected = pos_embed_2d(model.hidden_size, model.input_size // model.patch_size)[None]
   if table is None:
-    raise KeyError(f"{source}: missing key '{POS_EMBED_KEY}' (shape {expected.shape})")
+    raise ValueError(f"{source}: missing key '{POS_EMBED_KEY}' (shape {expected.shape})")
   if table.shape != expected.shape:
     raise ValueError(f"{source}: key '{POS_EMBED_KEY}' has shape {table.shape} but "
                      f"{_name(model)} expects {expected.shape} (wrong image size?)")
@@ -188,6 +188,13 @@ def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None
 
 
 def main(argv: Any = None) -> None:
+  try:
+    _main(argv)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv: Any) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--torch", help="official .pt file to import")
   parser.add_argument("--model", help="variant, e.g. DiT-XL/2")
