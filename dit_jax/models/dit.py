@@ -266,3 +266,30 @@ def dummy_inputs(model: DiT, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.
   """Zero inputs of the right shapes: x [batch, S, S, C], t [batch], y [batch]."""
   x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
   return x, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
+
+
+_RUNTIME_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model(config: Any) -> DiT:
+  """DiT from a config's `model` section (a ConfigDict or mapping; see configs/imagenet.py).
+
+  Keys: `variant` ("XL/2"), `input_size`, `in_channels`, `num_classes`, `learn_sigma`,
+  `class_dropout_prob`, optional architecture overrides (`depth`, `hidden_size`, `num_heads`,
+  `patch_size`, `mlp_ratio`; None keeps the variant's value) and the runtime settings `dtype`
+  ("float32" / "bfloat16"), `param_dtype`, `scan_blocks`, `remat_policy`, `attention_impl`.
+  """
+  config = dict(config)
+  known = set(ARCH_FIELDS) | {"variant", "dtype", "param_dtype", "scan_blocks",
+                              "remat_policy", "attention_impl"}
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"config.model: unknown key(s) {unknown}")
+  for key in ("dtype", "param_dtype"):
+    if key in config:
+      if config[key] not in _RUNTIME_DTYPES:
+        raise ValueError(f"config.model.{key}: expected one of {list(_RUNTIME_DTYPES)}, got "
+                         f"{config[key]!r}")
+      config[key] = _RUNTIME_DTYPES[config[key]]
+  variant = config.pop("variant")
+  return create_model(variant, **{k: v for k, v in config.items() if v is not None})

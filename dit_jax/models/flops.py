@@ -1,8 +1,7 @@
 """Parameter counts and forward cost of DiT models, without materializing weights.
 
-`python -m dit_jax.models.flops` prints the variant table that README shows.
+`python -m dit_jax.models` prints the variant table that README shows.
 """
-import argparse
 from typing import Any
 
 import flax.linen as nn
@@ -59,15 +58,3 @@ def variant_table(image_sizes: tuple[int, ...] = (256,), num_classes: int = 1000
     rows.append(f"| {name} | {arch['depth']} | {arch['hidden_size']} | {arch['num_heads']} | "
                 f"{params:,} |{flops}")
   return "\n".join(rows)
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description="Print the DiT variant table (params, Gflops).")
-  parser.add_argument("--image-sizes", type=int, nargs="+", default=[256, 512],
-                      help="image sizes in pixels (latent = size / 8)")
-  args = parser.parse_args()
-  print(variant_table(tuple(args.image_sizes)))
-
-
-if __name__ == "__main__":
-  main()
