@@ -16,5 +16,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.num_heads = 4
   config.model.dtype = "float32"  # bf16 is slower than fp32 on CPUs.
   config.model.scan_blocks = False
-  config.sample.num_steps = 10
   return config

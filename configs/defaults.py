@@ -1,0 +1,95 @@
+"""Every hyperparameter of a dit-jax run, with the paper's values; the other configs adjust it."""
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameters, data order, flips, noise and timesteps all derive from it.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "imagenet2012"  # "digits", "folder", or a tfds dataset name.
+  config.data.folder = ""  # for name="folder": one sub-folder per class.
+  config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir (None: tfds default).
+  config.data.split = "train"
+  config.data.image_size = 256  # pixels after the ADM center crop.
+  config.data.random_flip = True  # horizontal flip with probability 0.5.
+  config.data.num_threads = 8  # image decoding threads per process.
+  config.data.prefetch = 2  # batches decoded ahead.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "XL/2"  # S|B|L|XL x /2,/4,/8 (the table in dit_jax.models).
+  config.model.input_size = 32  # side of the model's input (latent side = image_size / 8).
+  config.model.in_channels = 4  # 4: VAE latents; 3 (RGB) or 1 (gray) in pixel space.
+  config.model.num_classes = 1000
+  config.model.learn_sigma = True  # second half of the output: variance values.
+  config.model.class_dropout_prob = 0.1  # label -> null class, for classifier-free guidance.
+  # Architecture overrides (None: the variant's value), for custom sizes.
+  config.model.depth = config_dict.placeholder(int)
+  config.model.hidden_size = config_dict.placeholder(int)
+  config.model.num_heads = config_dict.placeholder(int)
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.mlp_ratio = 4.0
+  # How it runs; none of these change the parameters' values.
+  config.model.dtype = "bfloat16"  # compute dtype; params stay float32.
+  config.model.param_dtype = "float32"
+  config.model.scan_blocks = True  # one compiled block: compile time independent of depth.
+  config.model.remat_policy = config_dict.placeholder(str)  # e.g. "nothing_saveable".
+  config.model.attention_impl = config_dict.placeholder(str)  # None | "xla" | "cudnn".
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.timestep_respacing = ""  # training uses all steps.
+  config.diffusion.noise_schedule = "linear"  # or "squaredcos_cap_v2".
+  config.diffusion.diffusion_steps = 1000
+  config.diffusion.learn_sigma = True  # must equal model.learn_sigma.
+  config.diffusion.sigma_small = False
+  config.diffusion.predict_xstart = False
+  config.diffusion.use_kl = False
+  config.diffusion.rescale_learned_sigmas = False
+
+  config.batch_size = 256  # global, over all devices and hosts.
+  config.num_steps = 400_000
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.warmup_steps = 0  # linear warmup from 0 (the paper uses none).
+  config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 disables (the paper).
+  config.ema_decay = 0.9999
+  config.init_from = ""  # an orbax checkpoint from `python -m dit_jax.convert` to fine-tune.
+
+  # Mesh: data parallel over `data`, parameters sharded over `fsdp`, matmuls over `tensor`.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axis_names = ("data", "fsdp", "tensor")
+  config.mesh.axis_sizes = (-1, 1, 1)  # -1 takes the remaining devices.
+  # Logical axis (the model's annotations) -> mesh axis or None (replicated).
+  config.axis_rules = (
+      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+      ("heads", "tensor"), ("adaln", "tensor"), ("layers", None), ("patch", None),
+      ("out_patch", None), ("time_freq", None), ("time_embed", None), ("classes", None))
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 5000
+  config.checkpoint.keep = 3  # the last K ...
+  config.checkpoint.keep_period = 50_000  # ... plus every M-th step, permanently.
+  config.checkpoint.async_save = True
+
+  config.log_every_steps = 100
+  config.sample = ml_collections.ConfigDict()
+  config.sample.every_steps = 10_000  # EMA sample grid to TensorBoard and samples/*.png.
+  config.sample.classes = (88, 207, 279, 360, 387, 388, 417, 974)  # one grid row per class.
+  config.sample.per_class = 8
+  config.sample.sampler = "ddim"  # "ddpm" (the paper: 250 steps) or "ddim".
+  config.sample.num_steps = 50
+  config.sample.eta = 0.0
+  config.sample.cfg_scale = 4.0  # 4.0 for pictures, 1.5 for FID.
+  config.sample.guidance_channels = 3  # the official quirk; None guides all channels.
+  config.sample.clip_denoised = False  # True only for pixel-space models.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.digits = False  # grade samples with a classifier of the real digits.
+  config.eval.num_samples = 1000
+  config.eval.batch_size = 500
+  return config
