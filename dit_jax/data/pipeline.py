@@ -1,0 +1,208 @@
+"""The training input pipeline: the batch of step `s` is a pure function of (seed, s).
+
+Each process reads only its rows of the global batch (`sampler.process_slice`), preprocesses them
+on a thread pool (PIL releases the GIL while decoding and resizing), and `to_global` assembles
+the per-process rows into global `jax.Array`s. Resuming at step `s` is `iterate(start_step=s)`:
+no iterator state needs checkpointing.
+"""
+import collections
+import concurrent.futures
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from dit_jax.data import preprocess
+from dit_jax.data import sampler
+from dit_jax.data.sources import Source, make_source
+
+Batch = dict[str, np.ndarray]
+
+
+class InputPipeline:
+  """Deterministic, resumable batches of center-cropped, flipped, [-1, 1] images.
+
+  Use as a context manager (or call `close()`) so the worker threads shut down:
+
+    with InputPipeline(source, image_size=256, global_batch_size=256, seed=0,
+                       random_flip=True) as pipeline:
+      for step, batch in pipeline.iterate(start_step):
+        batch = to_global(batch, sharding)
+  """
+
+  def __init__(self, source: Source, *, image_size: int, global_batch_size: int, seed: int,
+               random_flip: bool, process_index: int | None = None,
+               process_count: int | None = None, num_threads: int = 8, prefetch: int = 2):
+    """Sets the pipeline up; reads nothing yet.
+
+    Args:
+      source: where examples come from (`sources.make_source`).
+      image_size: side of the square images produced (ADM center crop).
+      global_batch_size: examples per step summed over all processes (`config.batch_size`).
+      seed: data seed: fixes the order and the flips.
+      random_flip: mirror half of the examples (False for digits: a mirrored digit is another
+        symbol).
+      process_index: this process; None: `jax.process_index()`.
+      process_count: number of processes; None: `jax.process_count()`.
+      num_threads: threads decoding and resizing examples; 0 decodes in the calling thread.
+      prefetch: batches prepared ahead of the consumer in `iterate`.
+    """
+    self.source = source
+    self.image_size = image_size
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    self.random_flip = random_flip
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.local_batch_size = sampler.local_batch_size(global_batch_size, self.process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
+    if prefetch < 0 or num_threads < 0:
+      raise ValueError(f"prefetch ({prefetch}) and num_threads ({num_threads}) must be >= 0")
+    self.prefetch = prefetch
+    self._permutations = sampler.EpochPermutations(len(source), seed)
+    # Two pools: batches wait on examples, so sharing one pool could deadlock once every worker
+    # holds a batch waiting for example tasks queued behind it.
+    self._example_pool = (concurrent.futures.ThreadPoolExecutor(
+        num_threads, thread_name_prefix="dit_jax_data_example") if num_threads else None)
+    self._batch_pool = (concurrent.futures.ThreadPoolExecutor(
+        prefetch, thread_name_prefix="dit_jax_data_batch") if prefetch else None)
+    self._closed = False
+
+  @property
+  def num_skipped(self) -> int:
+    """Unreadable files the source skipped so far (0 for sources that cannot skip)."""
+    return int(getattr(self.source, "num_skipped", 0))
+
+  @property
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of `local_batch`, when the source's channel count is known up front."""
+    shape = getattr(self.source, "image_shape", None)
+    if shape is None:
+      raise ValueError("the source's channel count is only known once an image is read")
+    size, batch = self.image_size, self.local_batch_size
+    return {"images": jax.ShapeDtypeStruct((batch, size, size, shape[-1]), np.float32),
+            "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
+    return sampler.global_batch_indices(step, self.global_batch_size, len(self.source),
+                                        self.seed, self._permutations)
+
+  def _example(self, index: int, flip: bool) -> tuple[np.ndarray, int]:
+    image, label = self.source.get(int(index))
+    image = preprocess.center_crop_arr(image, self.image_size)
+    if flip:
+      image = preprocess.horizontal_flip(image)
+    return image, label
+
+  def local_batch(self, step: int) -> Batch:
+    """This process's rows of the batch of `step` (a pure function of seed and step).
+
+    Returns:
+      "images": float32 `[local_batch, image_size, image_size, channels]` in [-1, 1];
+      "labels": int32 `[local_batch]`.
+    """
+    if self._closed:
+      raise RuntimeError("the input pipeline is closed")
+    rows = sampler.process_slice(np.arange(self.global_batch_size), self.process_index,
+                                 self.process_count)
+    indices = self.global_indices(step)[rows]
+    if self.random_flip:
+      # Keyed by global example position, so the flips do not depend on the process layout.
+      flips = preprocess.flip_mask(self.seed, step * self.global_batch_size + rows)
+    else:
+      flips = np.zeros(len(rows), bool)
+    if self._example_pool is None:
+      examples = list(map(self._example, indices, flips))
+    else:
+      examples = list(self._example_pool.map(self._example, indices, flips))
+    images = np.stack([image for image, _ in examples])
+    return {"images": preprocess.to_float(images),
+            "labels": np.asarray([label for _, label in examples], np.int32)}
+
+  def iterate(self, start_step: int = 0,
+              num_steps: int | None = None) -> Iterator[tuple[int, Batch]]:
+    """Yields `(step, local_batch(step))` for `step = start_step, start_step + 1, ...`.
+
+    Up to `prefetch` batches are prepared in the background; they are yielded in step order,
+    so what comes out does not depend on thread timing. Closing the generator (or the
+    pipeline) cancels the batches not started yet.
+
+    Args:
+      start_step: the first step (the checkpoint's step when resuming).
+      num_steps: how many batches; None: without end.
+    """
+    end = None if num_steps is None else start_step + num_steps
+    steps = iter(range(start_step, end) if end is not None else itertools.count(start_step))
+    if self._batch_pool is None:
+      for step in steps:
+        yield step, self.local_batch(step)
+      return
+    pending: collections.deque[tuple[int, concurrent.futures.Future[Batch]]] = (
+        collections.deque())
+    try:
+      for step in steps:
+        pending.append((step, self._batch_pool.submit(self.local_batch, step)))
+        if len(pending) > self.prefetch:
+          done_step, future = pending.popleft()
+          yield done_step, future.result()
+      while pending:
+        done_step, future = pending.popleft()
+        yield done_step, future.result()
+    finally:
+      for _, future in pending:
+        future.cancel()
+
+  def close(self) -> None:
+    """Stops the worker threads (waits for running tasks, drops queued ones). Idempotent."""
+    self._closed = True
+    for pool in (self._batch_pool, self._example_pool):
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "InputPipeline":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def to_global(local_batch: Mapping[str, np.ndarray],
+              sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding]
+              ) -> dict[str, jax.Array]:
+  """Assembles every process's rows into global arrays of `global_batch_size` rows.
+
+  Args:
+    local_batch: this process's `local_batch(step)`: arrays `[local_batch, ...]`.
+    sharding: one sharding for all arrays (e.g. `NamedSharding(mesh, P("data"))`, the batch axis
+      over all devices) or one per key.
+
+  Returns:
+    The same keys, `jax.Array`s `[global_batch, ...]` laid out as `sharding` says.
+  """
+  out = {}
+  for key, value in local_batch.items():
+    key_sharding = sharding[key] if isinstance(sharding, Mapping) else sharding
+    out[key] = jax.make_array_from_process_local_data(key_sharding, np.asarray(value))
+  return out
+
+
+def make_pipeline(config: Any, *, process_index: int | None = None,
+                  process_count: int | None = None) -> InputPipeline:
+  """The pipeline a training config describes.
+
+  Reads `config.data` (see `sources.make_source`, plus `random_flip`, and optional
+  `image_size`, `num_threads` and `prefetch`), `config.batch_size` (global), `config.seed`, and
+  `config.image_size` where `config.data.image_size` is absent.
+  """
+  data = config.data
+  optional = {key: data.get(key) for key in ("num_threads", "prefetch")
+              if data.get(key) is not None}
+  image_size = data.get("image_size") or config.image_size
+  return InputPipeline(make_source(data), image_size=image_size,
+                       global_batch_size=config.batch_size, seed=config.seed,
+                       random_flip=bool(data.random_flip), process_index=process_index,
+                       process_count=process_count, **optional)

@@ -1,0 +1,187 @@
+"""Random-access image sources: `len(source)`, `source.get(index) -> (uint8 [H, W, C], label)`.
+
+A source only knows how to read example `index`; the order, sharding and preprocessing live
+elsewhere (`sampler`, `pipeline`), so every source resumes to the example for free.
+"""
+import logging
+import os
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from dit_jax.data.tfds_source import TfdsSource
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"))
+
+
+@runtime_checkable
+class Source(Protocol):
+  """What the input pipeline reads from."""
+
+  num_classes: int
+  # (height, width, channels) of every stored image, or None when sizes vary.
+  image_shape: tuple[int, int, int] | None
+
+  def __len__(self) -> int:
+    ...
+
+  def get(self, index: int) -> tuple[np.ndarray, int]:
+    """Example `index`: uint8 `[height, width, channels]` and its integer label."""
+    ...
+
+
+class DigitsSource:
+  """scikit-learn's bundled 8x8 digits (1797 images, 10 classes; ships with sklearn, no download).
+
+  Pixel values 0..16 are scaled to uint8 `round(x * 255 / 16)`, so 16 -> 255.
+  """
+
+  num_classes = 10
+  image_shape = (8, 8, 1)
+
+  def __init__(self):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    digits = load_digits()
+    self._images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    self._labels = digits.target.astype(np.int64)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def get(self, index: int) -> tuple[np.ndarray, int]:
+    """uint8 `[8, 8, 1]` and the digit."""
+    return self._images[index], int(self._labels[index])
+
+
+class FolderSource:
+  """A user's image folder: `root/<class name>/**/<image>`, one sub-folder per class.
+
+  Classes are the sorted sub-folder names (label = position in that list); files are those with
+  an image extension, sorted by path, so every process and every run sees the same indices.
+  Images are decoded with PIL and converted to RGB: `[height, width, 3]`.
+
+  An unreadable file never stops training: reading it logs one warning naming the file, and
+  `get` deterministically returns the next readable index instead (`(i + 1) % n`, ...), so the
+  substitute is the same in every run and every thread. `num_skipped` / `skipped_files` count
+  the bad files found so far (they are discovered lazily, when first read).
+  """
+
+  image_shape = None  # sizes vary.
+
+  def __init__(self, root: str | os.PathLike[str]):
+    root = os.fspath(root)
+    if not os.path.exists(root):
+      raise FileNotFoundError(f"image folder {root!r} does not exist (config.data.folder)")
+    if not os.path.isdir(root):
+      raise ValueError(f"image folder {root!r} is not a directory (config.data.folder)")
+    self.root = root
+    self.class_names = sorted(
+        entry.name for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith("."))
+    if not self.class_names:
+      raise ValueError(
+          f"image folder {root!r} has no class sub-folders: expected {root}/<class>/<image>")
+    files, labels = [], []
+    for label, name in enumerate(self.class_names):
+      class_files = []
+      for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        class_files.extend(
+            os.path.join(dirpath, f) for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+      class_files.sort()
+      files.extend(class_files)
+      labels.extend([label] * len(class_files))
+    if not files:
+      raise ValueError(
+          f"image folder {root!r} has no images (extensions {sorted(IMAGE_EXTENSIONS)}) in its "
+          f"class sub-folders {self.class_names}")
+    self.files = files
+    self.labels = np.asarray(labels, np.int64)
+    self.num_classes = len(self.class_names)
+    self._bad: set[int] = set()
+    self._lock = threading.Lock()  # `get` runs in the prefetch threads.
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  @property
+  def num_skipped(self) -> int:
+    """Unreadable files found so far."""
+    with self._lock:
+      return len(self._bad)
+
+  @property
+  def skipped_files(self) -> list[str]:
+    """Paths of the unreadable files found so far, sorted."""
+    with self._lock:
+      return sorted(self.files[i] for i in self._bad)
+
+  def _decode(self, index: int) -> np.ndarray | None:
+    path = self.files[index]
+    try:
+      with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+    # PIL reports corrupt data with many exception types (OSError, SyntaxError, ValueError,
+    # DecompressionBombError, struct.error, ...): any of them means "skip this file".
+    except Exception as e:  # pylint: disable=broad-except
+      with self._lock:
+        first_time = index not in self._bad
+        self._bad.add(index)
+      if first_time:
+        logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+      return None
+
+  def get(self, index: int) -> tuple[np.ndarray, int]:
+    """uint8 `[height, width, 3]` and the class index of file `index` (or of the next readable)."""
+    n = len(self.files)
+    for offset in range(n):
+      j = (index + offset) % n
+      with self._lock:
+        known_bad = j in self._bad
+      if known_bad:
+        continue
+      image = self._decode(j)
+      if image is not None:
+        return image, int(self.labels[j])
+    raise RuntimeError(f"none of the {n} image files under {self.root!r} could be decoded")
+
+
+def _config_get(config: Any, key: str, default: Any = None) -> Any:
+  """`config.key` for a ConfigDict, a dict or any object; `default` when absent or None."""
+  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  return default if value is None else value
+
+
+def make_source(data_config: Any) -> Source:
+  """The source a config section describes.
+
+  Args:
+    data_config: `config.data`, with
+      `name`: "digits" | "folder" | a tfds dataset name (e.g. "imagenet2012");
+      `folder`: the image folder, for "folder";
+      `data_dir`: the tfds data directory (None: tfds' default, `~/tensorflow_datasets`);
+      `split`: the tfds split (default "train");
+      `channels`: None keeps the stored channels; 3 makes grayscale tfds images RGB.
+
+  Returns:
+    A `Source`.
+  """
+  name = _config_get(data_config, "name")
+  if not name:
+    raise ValueError("config.data.name is not set: 'digits', 'folder' or a tfds dataset name")
+  if name == "digits":
+    return DigitsSource()
+  if name == "folder":
+    folder = _config_get(data_config, "folder")
+    if not folder:
+      raise ValueError("config.data.name='folder' needs config.data.folder (the image folder)")
+    return FolderSource(folder)
+  return TfdsSource(name, split=_config_get(data_config, "split", "train"),
+                    data_dir=_config_get(data_config, "data_dir"),
+                    channels=_config_get(data_config, "channels"))

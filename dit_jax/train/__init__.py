@@ -1,0 +1,1 @@
+"""Training: state, the pure train step, sharding, checkpoints and the loop."""

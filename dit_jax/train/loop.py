@@ -1,0 +1,172 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, importable from a notebook."""
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from dit_jax import checkpoints as params_io
+from dit_jax.data import InputPipeline, make_source, to_global
+from dit_jax.diffusion import create_diffusion
+from dit_jax.models import DiT, build_model
+from dit_jax.train import sharding as shd
+from dit_jax.train import state as state_lib
+from dit_jax.train.checkpointing import Checkpointer, PreemptionHandler
+from dit_jax.train.step import train_step
+from dit_jax.train.throughput import peak_flops, train_flops_per_image
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is built from, validated before any expensive work."""
+  model: DiT
+  tx: Any
+  lr_schedule: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  pipeline: InputPipeline
+  checkpointer: Checkpointer
+  state_shardings: Any
+  abstract_state: Any
+  rng: jax.Array  # the train step's base key (each step folds in its number)
+  init_rng: jax.Array
+
+
+def setup(config: Any, workdir: str) -> Run:
+  """Validates the config against data and workdir and builds the pieces of a run."""
+  model = build_model(config.model)
+  if config.diffusion.learn_sigma != model.learn_sigma:
+    raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
+  source = make_source(config.data)
+  channels = source.image_shape[-1] if source.image_shape else 3
+  if channels != model.in_channels:
+    hint = (" Latent-space training needs the Stable Diffusion VAE, which dit-jax does not "
+            "have yet (pixel-space configs: digits.py, folder.py)." if model.in_channels == 4
+            else "")
+    raise ValueError(f"config.model.in_channels: {model.in_channels}, but the data has "
+                     f"{channels} channels.{hint}")
+  if config.data.image_size != model.input_size:
+    raise ValueError(f"config.data.image_size: {config.data.image_size} must equal "
+                     f"config.model.input_size ({model.input_size}) in pixel space")
+  if source.num_classes != model.num_classes:
+    raise ValueError(f"config.model.num_classes: {model.num_classes}, but the data has "
+                     f"{source.num_classes} classes")
+  mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
+  rules = shd.rules_from_config(config.axis_rules)
+  pipeline = InputPipeline(
+      source, image_size=config.data.image_size, global_batch_size=config.batch_size,
+      seed=config.seed, random_flip=config.data.random_flip, num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch)
+  tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                              keep_period=config.checkpoint.keep_period,
+                              async_save=config.checkpoint.async_save)
+  checkpointer.check_compatible(model.arch_config())
+  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
+                         jax.random.key(0))
+  state_shardings = shd.tree_shardings(boxed, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      jax.eval_shape(functools.partial(state_lib.init_state, model=model, tx=tx),
+                     jax.random.key(0)), state_shardings)
+  rng, init_rng = jax.random.split(jax.random.key(config.seed))
+  return Run(model, tx, lr_schedule, mesh, rules, pipeline, checkpointer, state_shardings,
+             abstract_state, rng, init_rng)
+
+
+def initial_state(run: Run, config: Any) -> state_lib.TrainState:
+  """Latest checkpoint, else `init_from` weights, else a fresh init: created already sharded."""
+  step = run.checkpointer.latest_step()
+  if step is not None:
+    logging.info("Resuming from %s step %d", run.checkpointer.directory, step)
+    return run.checkpointer.restore(step, run.abstract_state)
+  if config.init_from:
+    source_model, params = params_io.load_params(config.init_from,
+                                                 scan_blocks=run.model.scan_blocks)
+    if source_model.arch_config() != run.model.arch_config():
+      raise ValueError(f"config.init_from: {config.init_from} holds {source_model.arch_config()}"
+                       f", the config asks for {run.model.arch_config()}")
+    from_params = functools.partial(state_lib.state_from_params, tx=run.tx)
+    return jax.jit(from_params, out_shardings=run.state_shardings)(params)
+  init = functools.partial(state_lib.init_state, model=run.model, tx=run.tx)
+  return jax.jit(init, out_shardings=run.state_shardings)(run.init_rng)
+
+
+def compile_step(run: Run, config: Any, images_ndim: int = 4):
+  step_fn = functools.partial(
+      train_step, model=run.model, tx=run.tx, lr_schedule=run.lr_schedule,
+      ema_decay=config.ema_decay, diffusion=create_diffusion(**config.diffusion))
+  batch_shardings = {"images": shd.batch_sharding(run.mesh, run.rules, images_ndim),
+                     "labels": shd.batch_sharding(run.mesh, run.rules, 1)}
+  jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_shardings,
+                                          shd.replicated(run.mesh)),
+                   out_shardings=(run.state_shardings, shd.replicated(run.mesh)),
+                   donate_argnums=0)
+  return jitted, batch_shardings
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint in workdir) and evaluates at the end.
+
+  Returns the last logged training metrics and the final evaluation, if any.
+  """
+  from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
+
+  run = setup(config, workdir)
+  state = initial_state(run, config)
+  start_step = int(state.step)
+  p_step, batch_shardings = compile_step(run, config)
+  reporter = reporting.Reporter(config, workdir, run.model, start_step)
+  reporter.start(state.params)
+  preemption = PreemptionHandler()
+  saved_config = {"model": run.model.arch_config(), "run": json.loads(config.to_json_best_effort())}
+  flops = train_flops_per_image(run.model) if peak_flops() else None
+  last = {}
+  pending: Optional[tuple[int, Any]] = None  # metrics of the previous step, read one step late
+  step = start_step
+  try:
+    with run.pipeline:
+      for step, local_batch in run.pipeline.iterate(start_step,
+                                                          config.num_steps - start_step):
+        batch = to_global(local_batch, batch_shardings)
+        state, metrics = p_step(state, batch, run.rng)
+        if pending is not None:
+          last = _check_finite(*pending)
+          reporter.step(pending[0] + 1, last, flops)
+        pending = (step, metrics)
+        done = step + 1
+        if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
+          last = _check_finite(*pending)  # never checkpoint a non-finite state
+          run.checkpointer.save(done, state, saved_config)
+        if config.sample.every_steps and done % config.sample.every_steps == 0:
+          reporter.sample_grid(done, state.ema_params)
+        if preemption.should_stop():
+          logging.warning("SIGTERM: checkpointing step %d and stopping", done)
+          _check_finite(*pending)
+          run.checkpointer.save(done, state, saved_config, force=True)
+          run.checkpointer.close()
+          return {"stopped_at": done, **last}
+    if pending is not None:
+      last = _check_finite(*pending)
+      reporter.step(pending[0] + 1, last, flops)
+    run.checkpointer.wait()
+    results = {"step": int(state.step), **last}
+    if config.eval.digits:
+      results.update(reporter.grade_digits(int(state.step), state.ema_params))
+    reporter.close()
+    return results
+  finally:
+    preemption.close()
+    run.checkpointer.close()
+
+
+def _check_finite(step: int, metrics: Any) -> dict[str, float]:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not np.isfinite(values["loss"]):
+    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}: stopping; the "
+                             "last checkpoint before it is kept")
+  return values

@@ -1,0 +1,135 @@
+"""What a run reports: clu metrics (TensorBoard + console), progress, sample grids, grading.
+
+Imports clu's writers, hence TensorFlow: the train step and model stay importable without.
+"""
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from dit_jax import images as image_io
+from dit_jax.models import DiT
+from dit_jax.sampling import make_sample_fn
+from dit_jax.train.throughput import peak_flops
+
+SAMPLE_RNG_TAG = 1_000_003  # fold_in tag: sample noise never collides with a step's rng
+
+
+def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flat_hparams(value, f"{name}."))
+    else:
+      out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return out
+
+
+class Reporter:
+  """Metric writing, progress, EMA sample grids and the digits grade for one run."""
+
+  def __init__(self, config: Any, workdir: str, model: DiT, start_step: int):
+    self.config, self.workdir, self.model = config, workdir, model
+    self.is_chief = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_chief)
+    self.progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
+                                                    writer=self.writer)
+    self._last_time, self._last_step = time.time(), start_step
+    self._sample_fns: dict[int, Any] = {}
+    self._sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_TAG)
+
+  def start(self, params: Any) -> None:
+    parameter_overview.log_parameter_overview(jax.device_get(params), include_stats=False)
+    self.writer.write_hparams(_flat_hparams(json.loads(self.config.to_json_best_effort())))
+
+  def step(self, step: int, metrics: dict[str, float], flops_per_image: Optional[float]) -> None:
+    """Called once per completed step with that step's (host) metrics."""
+    self.progress(step)
+    if step % self.config.log_every_steps:
+      return
+    now = time.time()
+    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    scalars = {f"train/{k}": v for k, v in metrics.items()}
+    scalars["train/steps_per_sec"] = steps_per_sec
+    scalars["train/images_per_sec"] = steps_per_sec * self.config.batch_size
+    if flops_per_image:
+      achieved = scalars["train/images_per_sec"] * flops_per_image
+      scalars["train/mfu"] = achieved / (peak_flops() * jax.device_count())
+    self.writer.write_scalars(step, scalars)
+    self._append_jsonl(step, scalars)
+
+  def _append_jsonl(self, step: int, scalars: dict[str, Any]) -> None:
+    """metrics.jsonl: the logged scalars, one JSON line per log step (appended, never rewritten)."""
+    if self.is_chief:
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def _sampler(self, batch: int):
+    if batch not in self._sample_fns:
+      cfg = self.config.sample
+      self._sample_fns[batch] = make_sample_fn(
+          self.model, sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
+          guidance_channels=cfg.guidance_channels, eta=cfg.eta,
+          clip_denoised=cfg.clip_denoised, noise_schedule=self.config.diffusion.noise_schedule,
+          diffusion_steps=self.config.diffusion.diffusion_steps)
+    return self._sample_fns[batch]
+
+  def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:
+    """EMA samples [N, H, W, C] in the model's space for the given labels."""
+    return np.asarray(jax.device_get(self._sampler(len(labels))(params, labels, rng)))
+
+  def sample_grid(self, step: int, params: Any) -> Optional[str]:
+    """A grid, one row per class of `config.sample.classes`, with fixed noise across steps."""
+    classes = np.asarray(self.config.sample.classes, np.int32)
+    labels = np.repeat(classes, self.config.sample.per_class)
+    samples = self.generate(params, labels, self._sample_rng)
+    if self.model.in_channels not in (1, 3):
+      return None  # latents need the VAE to become pictures
+    upscale = max(1, 64 // self.model.input_size)
+    grid = image_io.make_grid(samples, rows=len(classes), upscale=upscale)
+    self.writer.write_images(step, {"samples": grid[None]})
+    if not self.is_chief:
+      return None
+    path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+    if os.path.exists(path):
+      logging.info("%s exists; not overwriting it", path)
+      return path
+    return image_io.save_png(path, grid)
+
+  def grade_digits(self, step: int, params: Any) -> dict[str, Any]:
+    """Grades `config.eval.num_samples` guided EMA samples with a classifier of real digits."""
+    from dit_jax.eval.digits import DigitsGrader  # scikit-learn only when grading.
+
+    cfg = self.config.eval
+    labels = np.arange(cfg.num_samples, dtype=np.int32) % self.model.num_classes
+    rng = jax.random.fold_in(self._sample_rng, step)
+    chunks = [self.generate(params, labels[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
+              for i in range(0, cfg.num_samples, cfg.batch_size)]
+    grade = DigitsGrader(seed=self.config.seed).grade(np.concatenate(chunks), labels)
+    results = {"eval/digits_accuracy": float(grade["accuracy"]),
+               "eval/digits_frechet_distance": float(grade["frechet_distance"]),
+               "eval/num_samples": int(grade["num_samples"])}
+    self.writer.write_scalars(step, results)
+    self._append_jsonl(step, results)
+    logging.info("Digits grade at step %d: accuracy %.4f, Frechet distance %.4f (%d samples)",
+                 step, results["eval/digits_accuracy"], results["eval/digits_frechet_distance"],
+                 results["eval/num_samples"])
+    if self.is_chief:
+      path = os.path.join(self.workdir, "eval", f"digits_step_{step:07d}.json")
+      if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+          json.dump({**results, "per_class_accuracy": list(map(float,
+                                                              grade["per_class_accuracy"]))}, f)
+    return results
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()

@@ -1,0 +1,62 @@
+"""Train state (params, EMA, optimizer) and its creation directly in its sharded layout."""
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dit_jax.models import DiT, dummy_inputs
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `step` counts completed optimizer updates."""
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """AdamW with optional linear warmup and global-norm clipping; returns (tx, lr schedule).
+
+  config: the `optimizer` section: learning_rate, weight_decay, b1, b2, eps, warmup_steps,
+  grad_clip_norm (None or <= 0: no clipping).
+  """
+  if config.warmup_steps > 0:
+    schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+  else:
+    schedule = optax.constant_schedule(config.learning_rate)
+  parts = []
+  if config.grad_clip_norm and config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+def init_state_boxed(rng: jax.Array, *, model: DiT, tx: optax.GradientTransformation) -> TrainState:
+  """Initial state whose parameter leaves keep their logical-axis boxes (for `eval_shape`)."""
+  x, t, y = dummy_inputs(model, 1)
+  params = model.init(rng, x, t, y)["params"]
+  # The EMA starts as a copy of the initial weights, as in the official train.py.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def init_state(rng: jax.Array, *, model: DiT, tx: optax.GradientTransformation) -> TrainState:
+  """Initial state with plain arrays (what the jitted, sharded init returns)."""
+  return nn.unbox(init_state_boxed(rng, model=model, tx=tx))
+
+
+def state_from_params(params: Any, *, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state starting from given (e.g. imported official) weights."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)

@@ -1,0 +1,55 @@
+"""The pure training step: hybrid diffusion loss, AdamW update, EMA."""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dit_jax.diffusion import GaussianDiffusion
+from dit_jax.models import LABEL_DROPOUT_RNG, DiT
+from dit_jax.train.state import TrainState, ema_update
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: DiT,
+               diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+               lr_schedule: Callable[[Any], Any], ema_decay: float
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on a global batch.
+
+  Args:
+    state: the current TrainState (donated by the caller's jit).
+    batch: `images` [batch, H, W, C] float in [-1, 1] (or latents), `labels` [batch] int.
+    rng: the run's base key; this step's randomness is `fold_in(rng, state.step)`, so a resumed
+      run draws exactly what an uninterrupted one would.
+  Returns:
+    (new state, scalar metrics: loss, mse, vb, grad_norm, param_norm, learning_rate).
+  """
+  x_start, labels = batch["images"], batch["labels"]
+  step_rng = jax.random.fold_in(rng, state.step)
+  t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+  # t uniform over all steps of the (unspaced) training process.
+  t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+
+  def loss_fn(params):
+    def model_fn(x, timesteps, y):
+      return model.apply({"params": params}, x, timesteps, y, train=True,
+                         rngs={LABEL_DROPOUT_RNG: dropout_rng})
+    terms = diffusion.training_losses(model_fn, x_start, t, model_kwargs={"y": labels},
+                                      noise=noise)
+    return terms["loss"].mean(), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_update(state.ema_params, params, ema_decay))
+  metrics = {
+      "loss": loss,
+      "mse": terms["mse"].mean(),
+      "vb": terms["vb"].mean() if "vb" in terms else jnp.zeros(()),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
+  }
+  return new_state, metrics

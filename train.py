@@ -1,0 +1,47 @@
+"""Trains a DiT: python train.py --config configs/digits.py --workdir runs/digits.
+
+Multi-host: start the same command on every host; with several processes JAX's distributed
+runtime is initialized from the environment (TPU pods, SLURM, or the flags below).
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
+
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif os.environ.get("DIT_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()  # TPU pods / SLURM: everything from the environment.
+  try:  # TensorFlow (tfds, TensorBoard) must never take accelerator memory.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+
+  from dit_jax.train.loop import train_and_evaluate
+  results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in sorted(results.items())), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
