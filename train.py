@@ -19,6 +19,14 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process ru
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def quiet_orbax_info() -> None:
+  """orbax logs every file operation at INFO; keep its warnings, drop the chatter."""
+  def keep(record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(keep)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -33,11 +41,17 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
+  quiet_orbax_info()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
 
   from dit_jax.train.loop import train_and_evaluate
-  results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    # Bad input and diverged runs end with one clear line, not a traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in sorted(results.items())), file=sys.stderr)

@@ -183,7 +183,7 @@ def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None
 
   if os.path.exists(path):
     raise FileExistsError(f"--torch-out: {path} already exists; refusing to overwrite it")
-  state = {k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, model).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(params, model).items()}
   torch.save(state, path)
 
 

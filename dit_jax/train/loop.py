@@ -39,6 +39,13 @@ class Run:
 def setup(config: Any, workdir: str) -> Run:
   """Validates the config against data and workdir and builds the pieces of a run."""
   model = build_model(config.model)
+  for key in ("checkpoint.every_steps", "log_every_steps", "batch_size", "num_steps"):
+    value = config[key.split(".")[0]]
+    value = value[key.split(".")[1]] if "." in key else value
+    if value <= 0:
+      raise ValueError(f"config.{key}: must be positive, got {value}")
+  if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
+    raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   if config.diffusion.learn_sigma != model.learn_sigma:
     raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
   source = make_source(config.data)
@@ -120,35 +127,34 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   state = initial_state(run, config)
   start_step = int(state.step)
   p_step, batch_shardings = compile_step(run, config)
-  reporter = reporting.Reporter(config, workdir, run.model, start_step)
+  reporter = reporting.Reporter(config, workdir, run.model, start_step,
+                                out_sharding=shd.replicated(run.mesh))
   reporter.start(state.params)
   preemption = PreemptionHandler()
   saved_config = {"model": run.model.arch_config(), "run": json.loads(config.to_json_best_effort())}
   flops = train_flops_per_image(run.model) if peak_flops() else None
   last = {}
   pending: Optional[tuple[int, Any]] = None  # metrics of the previous step, read one step late
-  step = start_step
+  saved = start_step
   try:
     with run.pipeline:
-      for step, local_batch in run.pipeline.iterate(start_step,
-                                                          config.num_steps - start_step):
-        batch = to_global(local_batch, batch_shardings)
-        state, metrics = p_step(state, batch, run.rng)
-        if pending is not None:
+      for step, local_batch in run.pipeline.iterate(start_step, config.num_steps - start_step):
+        state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng)
+        if pending is not None:  # reading the previous step's loss overlaps with this step
           last = _check_finite(*pending)
           reporter.step(pending[0] + 1, last, flops)
-        pending = (step, metrics)
-        done = step + 1
+        pending, done = (step, metrics), step + 1
         if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
           last = _check_finite(*pending)  # never checkpoint a non-finite state
-          run.checkpointer.save(done, state, saved_config)
-        if config.sample.every_steps and done % config.sample.every_steps == 0:
+          saved = done if run.checkpointer.save(done, state, saved_config) else saved
+        if config.sample.every_steps and (done % config.sample.every_steps == 0
+                                          or done == config.num_steps):
           reporter.sample_grid(done, state.ema_params)
         if preemption.should_stop():
           logging.warning("SIGTERM: checkpointing step %d and stopping", done)
           _check_finite(*pending)
-          run.checkpointer.save(done, state, saved_config, force=True)
-          run.checkpointer.close()
+          if saved != done:
+            run.checkpointer.save(done, state, saved_config, force=True)
           return {"stopped_at": done, **last}
     if pending is not None:
       last = _check_finite(*pending)
@@ -157,11 +163,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     results = {"step": int(state.step), **last}
     if config.eval.digits:
       results.update(reporter.grade_digits(int(state.step), state.ema_params))
-    reporter.close()
     return results
   finally:
     preemption.close()
     run.checkpointer.close()
+    reporter.close()
 
 
 def _check_finite(step: int, metrics: Any) -> dict[str, float]:

@@ -34,8 +34,11 @@ def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Reporter:
   """Metric writing, progress, EMA sample grids and the digits grade for one run."""
 
-  def __init__(self, config: Any, workdir: str, model: DiT, start_step: int):
+  def __init__(self, config: Any, workdir: str, model: DiT, start_step: int,
+               out_sharding: Any = None):
+    """out_sharding: where generated samples go (replicated, so every process can read them)."""
     self.config, self.workdir, self.model = config, workdir, model
+    self.out_sharding = out_sharding
     self.is_chief = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_chief)
     self.progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
@@ -45,7 +48,10 @@ class Reporter:
     self._sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_TAG)
 
   def start(self, params: Any) -> None:
-    parameter_overview.log_parameter_overview(jax.device_get(params), include_stats=False)
+    # Shapes only: parameters sharded over several processes are not all addressable here.
+    shapes = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype) if p.ndim == 0 else
+                          jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    parameter_overview.log_parameter_overview(shapes, include_stats=False)
     self.writer.write_hparams(_flat_hparams(json.loads(self.config.to_json_best_effort())))
 
   def step(self, step: int, metrics: dict[str, float], flops_per_image: Optional[float]) -> None:
@@ -78,7 +84,7 @@ class Reporter:
           self.model, sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
           guidance_channels=cfg.guidance_channels, eta=cfg.eta,
           clip_denoised=cfg.clip_denoised, noise_schedule=self.config.diffusion.noise_schedule,
-          diffusion_steps=self.config.diffusion.diffusion_steps)
+          diffusion_steps=self.config.diffusion.diffusion_steps, out_sharding=self.out_sharding)
     return self._sample_fns[batch]
 
   def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:

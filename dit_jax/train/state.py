@@ -41,9 +41,10 @@ def init_state_boxed(rng: jax.Array, *, model: DiT, tx: optax.GradientTransforma
   """Initial state whose parameter leaves keep their logical-axis boxes (for `eval_shape`)."""
   x, t, y = dummy_inputs(model, 1)
   params = model.init(rng, x, t, y)["params"]
-  # The EMA starts as a copy of the initial weights, as in the official train.py.
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+  # The EMA starts as a copy of the initial weights, as in the official train.py. A real copy:
+  # the state is donated to the step, and one buffer cannot be donated twice.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
 
 def init_state(rng: jax.Array, *, model: DiT, tx: optax.GradientTransformation) -> TrainState:
@@ -53,8 +54,8 @@ def init_state(rng: jax.Array, *, model: DiT, tx: optax.GradientTransformation) 
 
 def state_from_params(params: Any, *, tx: optax.GradientTransformation) -> TrainState:
   """A fresh state starting from given (e.g. imported official) weights."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:

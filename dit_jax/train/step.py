@@ -48,8 +48,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       "loss": loss,
       "mse": terms["mse"].mean(),
       "vb": terms["vb"].mean() if "vb" in terms else jnp.zeros(()),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
   }
   return new_state, metrics

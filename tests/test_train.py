@@ -1,0 +1,234 @@
+"""train.py end to end in subprocesses: meshes, resume after SIGKILL, two processes, SIGTERM,
+a folder run, init_from, and the failure behaviours."""
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import fixture_path
+from train_utils import (ROOT, checkpoint_steps, env_with_devices, flat, read_metrics,
+                         restore_state, run_train, train_command)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_states_equal(a, b, atol: float = 0.0) -> None:
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys()
+  for key in fa:
+    if atol == 0.0:
+      np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+    else:
+      np.testing.assert_allclose(fa[key], fb[key], atol=atol, rtol=0, err_msg=key)
+
+
+def last_per_step(metrics):
+  return {m["step"]: m for m in metrics if "train/loss" in m}
+
+
+def test_meshes_give_the_same_parameters_as_one_device(tmp_path):
+  assert_ok(run_train(tmp_path / "one", num_devices=1))
+  assert_ok(run_train(tmp_path / "data8", num_devices=8, mesh__axis_sizes="(8,1,1)"))
+  assert_ok(run_train(tmp_path / "fsdp", num_devices=8, mesh__axis_sizes="(4,2,1)"))
+  one = restore_state(tmp_path / "one")
+  assert int(one["step"]) == 3
+  for name in ("data8", "fsdp"):
+    other = restore_state(tmp_path / name)
+    assert_states_equal(one["params"], other["params"], atol=1e-5)
+    assert_states_equal(one["ema_params"], other["ema_params"], atol=1e-5)
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / name)]
+    np.testing.assert_allclose(losses, [m["train/loss"] for m in read_metrics(tmp_path / "one")],
+                               rtol=1e-5)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+  deadline = time.time() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"train.py ended early: {proc.stderr.read()[-3000:]}")
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError("timed out waiting for train.py")
+    time.sleep(0.05)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(train_command(killed, num_steps=100_000), cwd=ROOT, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=env_with_devices(1))
+  wait_for(lambda: len(checkpoint_steps(killed)) > 0, 240, proc)
+  proc.send_signal(signal.SIGKILL)  # a hard kill: no handler, no final checkpoint
+  proc.wait()
+  resume_from = checkpoint_steps(killed)[-1]
+  assert resume_from % 3 == 0
+  total = resume_from + 3
+  assert_ok(run_train(killed, num_steps=total))
+  assert_ok(run_train(tmp_path / "straight", num_steps=total))
+  resumed, straight = restore_state(killed, total), restore_state(tmp_path / "straight", total)
+  assert int(resumed["step"]) == total
+  assert_states_equal(resumed, straight)  # params, EMA, optimizer state, step: bit for bit
+  # Same data order: the losses of the resumed steps equal the uninterrupted run's.
+  got, want = last_per_step(read_metrics(killed)), last_per_step(read_metrics(tmp_path / "straight"))
+  for step in range(resume_from + 1, total + 1):
+    assert got[step]["train/loss"] == want[step]["train/loss"], step
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  port = free_port()
+  procs = [subprocess.Popen(
+      train_command(tmp_path / "multi") + [f"--coordinator_address=127.0.0.1:{port}",
+                                           "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      env=env_with_devices(4)) for i in range(2)]
+  for proc in procs:
+    try:
+      _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    assert proc.returncode == 0, err[-3000:]
+  assert_ok(run_train(tmp_path / "single", num_devices=8))
+  multi_losses = [m["train/loss"] for m in read_metrics(tmp_path / "multi")]
+  single_losses = [m["train/loss"] for m in read_metrics(tmp_path / "single")]
+  assert len(multi_losses) == 3
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-6)
+  assert_states_equal(restore_state(tmp_path / "multi")["params"],
+                      restore_state(tmp_path / "single")["params"], atol=1e-6)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
+  proc = subprocess.Popen(train_command(tmp_path, num_steps=100_000,
+                                        checkpoint__every_steps=100_000),
+                          cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=env_with_devices(1))
+  metrics = tmp_path / "metrics.jsonl"
+  wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 240, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps = checkpoint_steps(tmp_path)
+  assert len(steps) == 1 and steps[0] >= 5
+  state = restore_state(tmp_path)
+  assert int(state["step"]) == steps[0]
+  assert max(m["step"] for m in read_metrics(tmp_path)) <= steps[0]
+
+
+def write_folder(root, sizes=((12, 10), (9, 14), (16, 16))):
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["cat", "dog"]):
+    (root / name).mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes * 2):
+      pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+      pixels[..., c] = 255  # a class-dependent colour
+      Image.fromarray(pixels).save(root / name / f"{i}.png")
+  (root / "dog" / "broken.jpg").write_bytes(b"not an image at all")
+
+
+def test_folder_run_end_to_end(tmp_path):
+  folder = tmp_path / "images"
+  write_folder(folder)
+  workdir = tmp_path / "run"
+  result = run_train(workdir, config=f"configs/folder.py:{folder},8,2", num_steps=2,
+                     checkpoint__every_steps=2, sample__every_steps=2, model__dtype="float32",
+                     batch_size=12, data__random_flip=True)
+  assert_ok(result)
+  assert checkpoint_steps(workdir) == [2]
+  grid = np.asarray(Image.open(workdir / "samples" / "step_0000002.png"))
+  assert grid.shape[2] == 3 and grid.shape[0] == 2 * (8 * 8 + 1) + 1  # one row per class
+  assert "broken.jpg" in result.stderr  # the unreadable file is named, and skipped
+
+
+def test_init_from_imported_official_weights(tmp_path):
+  import jax
+  from dit_jax.convert import save_torch_checkpoint
+  from dit_jax.models import create_model, init_params
+
+  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2)
+  params = init_params(model, jax.random.key(7))
+  params = jax.tree.map(lambda p: p + 0.01, params)  # distinct from any fresh init
+  pt = tmp_path / "official.pt"
+  save_torch_checkpoint(params, model, str(pt))
+  ckpt = tmp_path / "imported"
+  subprocess.run([os.sys.executable, "-m", "dit_jax.convert", "--torch", str(pt), "--model",
+                  "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+                  "--image-size", "64", "--in-channels", "1", "--num-classes", "10",
+                  "--out", str(ckpt)], check=True, cwd=ROOT, capture_output=True)
+  workdir = tmp_path / "finetune"
+  assert_ok(run_train(workdir, num_steps=1, checkpoint__every_steps=1, init_from=str(ckpt),
+                      optimizer__learning_rate=0.0, optimizer__warmup_steps=0))
+  state = restore_state(workdir)
+  assert_states_equal(state["params"], jax.tree.map(np.asarray, params), atol=0.0)
+  # A model of another size is refused.
+  bad = run_train(tmp_path / "bad", num_steps=1, init_from=str(ckpt), model__hidden_size=64,
+                  model__num_heads=4)
+  assert bad.returncode != 0 and "config.init_from" in bad.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+  result = run_train(tmp_path, num_steps=20, checkpoint__every_steps=1,
+                     optimizer__learning_rate=1e30, optimizer__warmup_steps=0,
+                     optimizer__grad_clip_norm=0.0)
+  assert result.returncode != 0
+  line = result.stderr.strip().splitlines()[-1]
+  assert "non-finite loss" in line and "at step" in line
+  bad_step = int(line.split("at step ")[1].split(":")[0])
+  # Every checkpoint kept is from before the bad step, and finite.
+  for step in checkpoint_steps(tmp_path):
+    assert step <= bad_step
+    values = flat(restore_state(tmp_path, step)).values()
+    assert all(np.all(np.isfinite(v)) for v in values if np.issubdtype(v.dtype, np.floating))
+
+
+def test_missing_dataset_says_where_and_how(tmp_path):
+  result = run_train(tmp_path / "run", config="configs/imagenet.py:S/2",
+                     data__data_dir=str(tmp_path / "tfds"))
+  assert result.returncode != 0
+  message = result.stderr[result.stderr.rindex("error: "):]  # where the data goes, how to build it
+  assert str(tmp_path / "tfds") in message and "tfds build imagenet2012" in message
+  assert "downloads/manual" in message
+  assert not checkpoint_steps(tmp_path / "run")
+
+
+def test_latent_config_on_pixels_asks_for_the_vae(tmp_path):
+  folder = tmp_path / "images"
+  write_folder(folder)
+  result = run_train(tmp_path / "run", config=f"configs/folder.py:{folder},8,2",
+                     model__in_channels=4)
+  assert result.returncode != 0 and "VAE" in result.stderr.strip().splitlines()[-1]
+
+
+def test_workdir_of_another_model_is_refused_untouched(tmp_path):
+  assert_ok(run_train(tmp_path))
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts}
+  result = run_train(tmp_path, model__hidden_size=64, model__num_heads=4, num_steps=6)
+  assert result.returncode != 0
+  line = result.stderr.strip().splitlines()[-1]
+  assert "different model" in line and "hidden_size" in line
+  after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts}
+  assert before == after and checkpoint_steps(tmp_path) == [3]
+
+
+def test_config_typo_fails(tmp_path):
+  result = run_train(tmp_path, model__hiden_size=3)
+  assert result.returncode != 0 and "hiden_size" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fixture_dir_is_available():
+  assert fixture_path("dit_reference", "tiny_dit.pt").exists()

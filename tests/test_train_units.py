@@ -1,0 +1,137 @@
+"""In-process tests of the training pieces: mesh, optimizer, EMA, the train step."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import digits
+from dit_jax.diffusion import create_diffusion
+from dit_jax.models import build_model
+from dit_jax.train import sharding as shd
+from dit_jax.train import state as state_lib
+from dit_jax.train.step import train_step
+from dit_jax.train.throughput import peak_flops
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  config = digits.get_config()
+  config.model.depth, config.model.hidden_size, config.model.num_heads = 1, 32, 2
+  return config
+
+
+def test_make_mesh_fills_and_validates():
+  mesh = shd.make_mesh(("data", "fsdp", "tensor"), (-1, 1, 1))
+  assert mesh.shape == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match=r"^config\.mesh\.axis_sizes:"):
+    shd.make_mesh(("data", "fsdp"), (-1, -1))
+  with pytest.raises(ValueError, match=r"^config\.mesh\.axis_sizes:"):
+    shd.make_mesh(("data",), (jax.device_count() + 1,))
+  with pytest.raises(ValueError, match=r"^config\.mesh:"):
+    shd.make_mesh(("data", "fsdp"), (1,))
+
+
+def test_logical_rules_map_kernels_to_mesh_axes():
+  config = tiny_config()
+  model = build_model(config.model)
+  tx, _ = state_lib.make_optimizer(config.optimizer)
+  mesh = shd.make_mesh(("data", "fsdp", "tensor"), (-1, 1, 1))
+  rules = shd.rules_from_config(config.axis_rules)
+  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
+                         jax.random.key(0))
+  shardings = shd.tree_shardings(boxed, mesh, rules)
+  spec = shardings.params["blocks_0"]["attn"]["qkv"]["kernel"].spec
+  assert tuple(spec) == ("fsdp", "tensor")  # embed -> fsdp, qkv -> tensor
+  assert tuple(shardings.params["blocks_0"]["mlp"]["fc2"]["kernel"].spec) == ("tensor", "fsdp")
+  # The optimizer moments are sharded like the parameters they belong to.
+  adam_mu = shardings.opt_state[1][0].mu["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert tuple(adam_mu.spec) == ("fsdp", "tensor")
+  assert tuple(shardings.step.spec) == ()
+  assert tuple(shd.batch_sharding(mesh, rules, 4).spec) == (("data", "fsdp"), None, None, None)
+
+
+def test_optimizer_warmup_and_clipping():
+  config = ml_collections.ConfigDict(dict(learning_rate=1e-3, weight_decay=0.0, b1=0.9,
+                                          b2=0.999, eps=1e-8, warmup_steps=10,
+                                          grad_clip_norm=1.0))
+  tx, schedule = state_lib.make_optimizer(config)
+  assert float(schedule(0)) == 0.0 and np.isclose(float(schedule(5)), 5e-4)
+  assert np.isclose(float(schedule(10)), 1e-3) and np.isclose(float(schedule(1000)), 1e-3)
+  params = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)
+  # Clipping bounds the (pre-Adam) gradient: a huge gradient gives the same update as a unit one.
+  big, _ = tx.update({"w": jnp.full(3, 1e6)}, opt_state, params)
+  unit, _ = tx.update({"w": jnp.full(3, 1.0 / np.sqrt(3))}, opt_state, params)
+  np.testing.assert_allclose(big["w"], unit["w"], rtol=1e-5)
+
+
+def test_ema_update():
+  ema = {"a": jnp.array([1.0, 2.0])}
+  params = {"a": jnp.array([3.0, 4.0])}
+  out = state_lib.ema_update(ema, params, 0.9)
+  np.testing.assert_allclose(out["a"], [1.2, 2.2], rtol=1e-6)
+
+
+def _step_fn(config, model):
+  tx, schedule = state_lib.make_optimizer(config.optimizer)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=schedule,
+                                   ema_decay=config.ema_decay,
+                                   diffusion=create_diffusion(**config.diffusion)))
+  return tx, step
+
+
+def test_train_step_learns_and_tracks_ema():
+  config = tiny_config()
+  config.optimizer.warmup_steps = 0
+  model = build_model(config.model)
+  tx, step = _step_fn(config, model)
+  state = state_lib.init_state(jax.random.key(0), model=model, tx=tx)
+  initial = state.params
+  batch = {"images": jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1, maxval=1),
+           "labels": jnp.arange(16) % 10}
+  rng = jax.random.key(2)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch, rng)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 40
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+  assert set(metrics) >= {"loss", "mse", "vb", "grad_norm", "param_norm", "learning_rate"}
+  np.testing.assert_allclose(metrics["loss"], metrics["mse"] + metrics["vb"], rtol=1e-5)
+  # EMA with decay 0.999 over 40 steps: mostly the initial weights, a little of the new ones.
+  w0 = np.asarray(initial["blocks_0"]["mlp"]["fc1"]["kernel"])
+  w = np.asarray(state.params["blocks_0"]["mlp"]["fc1"]["kernel"])
+  ema = np.asarray(state.ema_params["blocks_0"]["mlp"]["fc1"]["kernel"])
+  assert np.abs(ema - w0).max() < np.abs(w - w0).max() / 5
+  assert np.abs(ema - w0).max() > 0
+
+
+def test_train_step_is_a_pure_function_of_state_batch_and_rng():
+  config = tiny_config()
+  model = build_model(config.model)
+  tx, step = _step_fn(config, model)
+  batch = {"images": jnp.zeros((8, 8, 8, 1)), "labels": jnp.arange(8)}
+  a, ma = step(state_lib.init_state(jax.random.key(0), model=model, tx=tx), batch,
+               jax.random.key(5))
+  b, mb = step(state_lib.init_state(jax.random.key(0), model=model, tx=tx), batch,
+               jax.random.key(5))
+  c, mc = step(state_lib.init_state(jax.random.key(0), model=model, tx=tx), batch,
+               jax.random.key(6))
+  assert float(ma["loss"]) == float(mb["loss"]) != float(mc["loss"])
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_peak_flops_known_and_unknown():
+  assert peak_flops(jax.devices()[0]) is None  # CPUs: no MFU
+
+  class FakeDevice:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  assert peak_flops(FakeDevice()) == 989e12
+
+
+def test_optax_tree_norm_is_the_global_norm():
+  grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+  assert float(optax.tree.norm(grads)) == 5.0
