@@ -3,6 +3,11 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def optional(field_type: type) -> config_dict.FieldReference:
+  """A field that is None by default but typed, so `--config.x=...` overrides it."""
+  return config_dict.FieldReference(None, field_type=field_type)
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameters, data order, flips, noise and timesteps all derive from it.
@@ -10,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "imagenet2012"  # "digits", "folder", or a tfds dataset name.
   config.data.folder = ""  # for name="folder": one sub-folder per class.
-  config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir (None: tfds default).
+  config.data.data_dir = optional(str)  # tfds data_dir (None: tfds default).
   config.data.split = "train"
   config.data.image_size = 256  # pixels after the ADM center crop.
   config.data.random_flip = True  # horizontal flip with probability 0.5.
@@ -25,17 +30,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.learn_sigma = True  # second half of the output: variance values.
   config.model.class_dropout_prob = 0.1  # label -> null class, for classifier-free guidance.
   # Architecture overrides (None: the variant's value), for custom sizes.
-  config.model.depth = config_dict.placeholder(int)
-  config.model.hidden_size = config_dict.placeholder(int)
-  config.model.num_heads = config_dict.placeholder(int)
-  config.model.patch_size = config_dict.placeholder(int)
+  config.model.depth = optional(int)
+  config.model.hidden_size = optional(int)
+  config.model.num_heads = optional(int)
+  config.model.patch_size = optional(int)
   config.model.mlp_ratio = 4.0
   # How it runs; none of these change the parameters' values.
   config.model.dtype = "bfloat16"  # compute dtype; params stay float32.
   config.model.param_dtype = "float32"
   config.model.scan_blocks = True  # one compiled block: compile time independent of depth.
-  config.model.remat_policy = config_dict.placeholder(str)  # e.g. "nothing_saveable".
-  config.model.attention_impl = config_dict.placeholder(str)  # None | "xla" | "cudnn".
+  config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
+  config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.timestep_respacing = ""  # training uses all steps.

@@ -135,3 +135,21 @@ def test_peak_flops_known_and_unknown():
 def test_optax_tree_norm_is_the_global_norm():
   grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
   assert float(optax.tree.norm(grads)) == 5.0
+
+
+def test_checkpointer_keeps_last_k_plus_every_mth(tmp_path):
+  from dit_jax.train.checkpointing import Checkpointer, IncompatibleCheckpointError
+
+  checkpointer = Checkpointer(str(tmp_path), keep=2, keep_period=4, async_save=True)
+  arch = {"hidden_size": 8}
+  for step in range(1, 11):
+    checkpointer.save(step, {"w": jnp.full((2,), float(step))}, {"model": arch})
+  checkpointer.wait()
+  assert sorted(checkpointer.manager.all_steps()) == [4, 8, 9, 10]
+  target = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  np.testing.assert_array_equal(checkpointer.restore(8, target)["w"], [8.0, 8.0])
+  checkpointer.check_compatible(arch)  # the same model: fine
+  with pytest.raises(IncompatibleCheckpointError, match=r"hidden_size: checkpoint 8 vs config 16"):
+    checkpointer.check_compatible({"hidden_size": 16})
+  checkpointer.close()
+  checkpointer.close()  # idempotent

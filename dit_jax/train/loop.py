@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -39,9 +40,9 @@ class Run:
 def setup(config: Any, workdir: str) -> Run:
   """Validates the config against data and workdir and builds the pieces of a run."""
   model = build_model(config.model)
-  for key in ("checkpoint.every_steps", "log_every_steps", "batch_size", "num_steps"):
-    value = config[key.split(".")[0]]
-    value = value[key.split(".")[1]] if "." in key else value
+  for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
+                     ("log_every_steps", config.log_every_steps),
+                     ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
     if value <= 0:
       raise ValueError(f"config.{key}: must be positive, got {value}")
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
@@ -76,10 +77,10 @@ def setup(config: Any, workdir: str) -> Run:
   boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
                          jax.random.key(0))
   state_shardings = shd.tree_shardings(boxed, mesh, rules)
+  # The same abstract tree, with shardings, is the orbax restore target.
   abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      jax.eval_shape(functools.partial(state_lib.init_state, model=model, tx=tx),
-                     jax.random.key(0)), state_shardings)
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+      state_shardings)
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
   return Run(model, tx, lr_schedule, mesh, rules, pipeline, checkpointer, state_shardings,
              abstract_state, rng, init_rng)
@@ -123,6 +124,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """
   from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
 
+  if "://" not in workdir:  # orbax wants absolute paths; keep gs:// and the like as they are
+    workdir = os.path.abspath(workdir)
   run = setup(config, workdir)
   state = initial_state(run, config)
   start_step = int(state.step)

@@ -99,7 +99,7 @@ class Reporter:
     if self.model.in_channels not in (1, 3):
       return None  # latents need the VAE to become pictures
     upscale = max(1, 64 // self.model.input_size)
-    grid = image_io.make_grid(samples, rows=len(classes), upscale=upscale)
+    grid = image_io.make_grid(samples, rows=len(classes), upscale=upscale, pad_value=128)
     self.writer.write_images(step, {"samples": grid[None]})
     if not self.is_chief:
       return None
