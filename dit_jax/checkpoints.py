@@ -38,9 +38,16 @@ def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 
   return directory
 
 
+def _manager_dir(directory: str) -> str:
+  """A convert output or a checkpoints folder as given; a training workdir's `checkpoints`."""
+  directory = os.path.abspath(directory)
+  nested = os.path.join(directory, "checkpoints")
+  return nested if os.path.isdir(nested) else directory
+
+
 def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
   """Reads the JSON config of a checkpoint directory; returns (config, step)."""
-  directory = os.path.abspath(directory)
+  directory = _manager_dir(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint: no directory {directory}")
   with ocp.CheckpointManager(directory) as manager:
@@ -51,12 +58,21 @@ def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, A
   return dict(restored["config"]), step
 
 
-def load_params(directory: str, step: Optional[int] = None,
+def restore_numpy(path: str) -> Any:
+  """Restores one saved pytree item as host numpy arrays, whatever mesh saved it."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata.tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True,
                 **runtime: Any) -> tuple[DiT, dict[str, Any]]:
   """Rebuilds the model from a checkpoint and restores its parameters.
 
   Args:
-    directory: a directory written by `save_params` (or `python -m dit_jax.convert`).
+    directory: a directory written by `save_params` / `python -m dit_jax.convert`, or a
+      training workdir (its latest checkpoint; EMA weights unless use_ema=False).
     step: which step (default: the latest).
     **runtime: runtime model settings (dtype, scan_blocks, ...); the params are returned in
       the layout that `scan_blocks` asks for.
@@ -67,9 +83,13 @@ def load_params(directory: str, step: Optional[int] = None,
   if "model" not in config:
     raise ValueError(f"checkpoint: {directory} step {step} has no 'model' entry in its config")
   model = model_from_config(config["model"], **runtime)
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  params = restored["params"]
+  step_dir = os.path.join(_manager_dir(directory), str(step))
+  if os.path.isdir(os.path.join(step_dir, "state")):  # a training checkpoint
+    state = restore_numpy(os.path.join(step_dir, "state"))
+    params = state["ema_params" if use_ema else "params"]
+  else:
+    params = restore_numpy(os.path.join(step_dir, "params"))
+  params = _unscanned(params)
   if model.scan_blocks:
     params = stack_block_params(params, model.depth)
   return model, params

@@ -5,25 +5,29 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax.diffusion import GaussianDiffusion, create_diffusion
+from dit_jax.diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from dit_jax.models import DiT
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
 
 def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
                    cfg_scale: float = 4.0, guidance_channels: Optional[int] = 3,
                    eta: float = 0.0, clip_denoised: bool = False,
                    diffusion_steps: int = 1000, noise_schedule: str = "linear",
-                   out_sharding: Any = None) -> Callable[..., jax.Array]:
+                   out_sharding: Any = None, batch_sharding: Any = None
+                   ) -> Callable[..., jax.Array]:
   """Returns jitted `sample(params, labels, rng) -> [N, H, W, C]` (the whole loop compiled once).
 
   labels: [N] class ids. With cfg_scale != 1 the batch is doubled with null labels as the
   official sample.py does, and the conditional half is returned. `clip_denoised` clips the x0
-  prediction to [-1, 1]: right for pixel-space models, wrong for latents.
+  prediction to [-1, 1]: right for pixel-space models, wrong for latents. `batch_sharding`
+  spreads the batch over devices (a NamedSharding of the batch axis); `out_sharding` is where
+  the result goes (replicated: every process can read it).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
-  spacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+  spacing = {"ddim": f"ddim{num_steps}", "ddpm": str(num_steps), "dpm-solver++": ""}[sampler]
   diffusion = create_diffusion(spacing, noise_schedule=noise_schedule,
                                learn_sigma=model.learn_sigma, diffusion_steps=diffusion_steps)
   guided = cfg_scale != 1.0
@@ -36,6 +40,8 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
     if guided:
       noise = jnp.concatenate([noise, noise])
       labels = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
+    if batch_sharding is not None:
+      noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
 
       def model_fn(x, t, y):
         return model.apply({"params": params}, x, t, y, cfg_scale,
@@ -44,15 +50,20 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
       def model_fn(x, t, y):
         return model.apply({"params": params}, x, t, y)
     out = run_loop(diffusion, model_fn, noise, loop_rng, sampler=sampler, eta=eta,
-                   clip_denoised=clip_denoised, model_kwargs={"y": labels})
+                   num_steps=num_steps, clip_denoised=clip_denoised,
+                   model_kwargs={"y": labels})
     return out[:n]
 
   return jax.jit(sample, out_shardings=out_sharding)
 
 
 def run_loop(diffusion: GaussianDiffusion, model_fn: Callable, noise: jax.Array,
-             rng: jax.Array, *, sampler: str, eta: float, clip_denoised: bool,
+             rng: jax.Array, *, sampler: str, eta: float, num_steps: int, clip_denoised: bool,
              model_kwargs: dict[str, Any]) -> jax.Array:
+  """One compiled sampling loop of the named sampler."""
+  if sampler == "dpm-solver++":
+    return dpm_solver_pp_sample_loop(diffusion, model_fn, noise, num_steps=num_steps,
+                                     clip_denoised=clip_denoised, model_kwargs=model_kwargs)
   if sampler == "ddpm":
     return diffusion.p_sample_loop(model_fn, noise, rng, clip_denoised=clip_denoised,
                                    model_kwargs=model_kwargs)

@@ -1,0 +1,112 @@
+"""Sampling: determinism, guidance, resumable chunked generation, the .npz layout, sample.py."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dit_jax import generate
+from dit_jax.diffusion import create_diffusion
+from dit_jax.models import DiT, create_model, init_params
+from train_utils import ROOT, env_with_devices, run_train
+
+SPEC = generate.SamplingSpec(sampler="ddim", num_steps=5, cfg_scale=2.0, guidance_channels=None,
+                             clip_denoised=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pixel_model():
+  model = create_model("S/2", input_size=8, in_channels=3, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2)
+  params = init_params(model, jax.random.key(0))
+  # Give the zero-initialized layers weights, so that outputs depend on labels and noise.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        params)
+  return model, params
+
+
+def test_grid_is_deterministic_per_seed(pixel_model):
+  model, params = pixel_model
+  a, grid = generate.sample_grid(model, params, SPEC, [1, 2, 3], per_class=2)
+  b, _ = generate.sample_grid(model, params, SPEC, [1, 2, 3], per_class=2)
+  c, _ = generate.sample_grid(model, params, generate.SamplingSpec(**{**SPEC.__dict__, "seed": 4}),
+                              [1, 2, 3], per_class=2)
+  assert a.dtype == np.uint8 and a.shape == (6, 8, 8, 3)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert grid.shape == (3 * (8 * 8 + 1) + 1, 2 * (8 * 8 + 1) + 1, 3)
+  with pytest.raises(ValueError, match="^--classes:"):
+    generate.sample_grid(model, params, SPEC, [10], per_class=1)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_guidance_scale_one_equals_unguided(pixel_model, sampler):
+  model, params = pixel_model
+  labels = jnp.array([1, 5])
+  noise = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+  def guided(x, t, y):
+    return model.apply({"params": params}, x, t, y, 1.0, guidance_channels=None,
+                       method=DiT.forward_with_cfg)
+
+  def plain(x, t, y):
+    return model.apply({"params": params}, x, t, y)
+
+  from dit_jax.sampling import run_loop
+  spacing = "ddim10" if sampler == "ddim" else ""
+  kw = dict(sampler=sampler, eta=0.0, num_steps=10, clip_denoised=False)
+  out_guided = run_loop(create_diffusion(spacing), guided, jnp.concatenate([noise, noise]),
+                        jax.random.key(1), model_kwargs={"y": jnp.array([1, 5, 10, 10])}, **kw)
+  out_plain = run_loop(create_diffusion(spacing), plain, noise, jax.random.key(1),
+                       model_kwargs={"y": labels}, **kw)
+  np.testing.assert_allclose(out_guided[:2], out_plain, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_generation_resumes_exactly(tmp_path, pixel_model):
+  model, params = pixel_model
+  full = tmp_path / "full.npz"
+  generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, keep_parts=True,
+                        progress=False)
+  with np.load(full) as data:
+    images, labels = data["arr_0"], data["arr_1"]
+  assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
+  assert labels.shape == (10,) and labels.min() >= 0 and labels.max() < 10
+  assert len(set(labels.tolist())) > 1  # random classes
+  # An interruption: the last chunks and the final file were never written.
+  full.unlink()
+  (tmp_path / "full.npz.parts" / "part_000002.npz").unlink()
+  (tmp_path / "full.npz.parts" / "part_000001.npz").unlink()
+  generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
+  with np.load(full) as data:
+    np.testing.assert_array_equal(data["arr_0"], images)
+    np.testing.assert_array_equal(data["arr_1"], labels)
+  assert not (tmp_path / "full.npz.parts").exists()
+  with pytest.raises(FileExistsError, match="--npz"):
+    generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
+
+
+def test_latents_without_vae_are_refused():
+  with pytest.raises(ValueError, match="VAE"):
+    generate.to_images(np.zeros((1, 4, 4, 4), np.float32))
+  gray = generate.to_images(np.zeros((1, 4, 4, 1), np.float32))
+  assert gray.shape == (1, 4, 4, 3) and np.all(gray == 128)
+
+
+def test_sample_py_on_a_training_workdir(tmp_path):
+  assert run_train(tmp_path / "run").returncode == 0
+  grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+  cmd = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}",
+         "--sampler=dpm-solver++", "--num_steps=5", "--cfg_scale=3", "--classes=0,1,2",
+         "--per_class=4", f"--out={grid}", "--num_samples=6", f"--npz={npz}", "--batch_size=4"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env_with_devices(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert np.asarray(Image.open(grid)).shape[0] == 3 * (8 * 8 + 1) + 1
+  with np.load(npz) as data:
+    assert data["arr_0"].shape == (6, 8, 8, 3) and data["arr_1"].shape == (6,)
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env_with_devices(1))
+  assert again.returncode != 0 and "refusing to overwrite" in again.stderr
