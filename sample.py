@@ -26,6 +26,7 @@ flags.DEFINE_string("singles_dir", None, "Also write every grid sample as its ow
 flags.DEFINE_integer("num_samples", 0, "Large-scale generation: number of samples.")
 flags.DEFINE_string("npz", None, "Large-scale generation: ADM-evaluator .npz to write.")
 flags.DEFINE_integer("batch_size", 64, "Large-scale generation: samples per chunk.")
+flags.DEFINE_string("vae", None, "Latent models: a diffusers VAE folder (sd-vae-ft-ema/-mse).")
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -43,6 +44,10 @@ def main(argv):
       raise app.UsageError(f"{path} already exists; refusing to overwrite it")
   model, params = checkpoints.load_params(FLAGS.checkpoint, FLAGS.step, use_ema=FLAGS.use_ema)
   pixel_space = model.in_channels in (1, 3)
+  if not pixel_space and not FLAGS.vae:
+    raise app.UsageError("--vae: this latent-space model needs the VAE to make images (a "
+                         "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
+  decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
       sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale,
       guidance_channels=3 if FLAGS.guidance == "official" and model.in_channels >= 3 else None,
@@ -51,7 +56,8 @@ def main(argv):
   if FLAGS.out:
     classes = ([int(c) for c in FLAGS.classes] if FLAGS.classes
                else list(range(min(10, model.num_classes))))
-    pixels, grid = generate.sample_grid(model, params, spec, classes, FLAGS.per_class)
+    pixels, grid = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
+                                        decode=decode)
     if jax.process_index() == 0:
       images.save_png(FLAGS.out, grid)
       for i, image in enumerate(pixels if FLAGS.singles_dir else []):
@@ -59,7 +65,7 @@ def main(argv):
       logging.info("wrote %s", FLAGS.out)
   if FLAGS.npz:
     generate.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
-                          batch_size=FLAGS.batch_size)
+                          batch_size=FLAGS.batch_size, decode=decode)
     logging.info("wrote %s", FLAGS.npz)
 
 

@@ -37,6 +37,20 @@ def _sample_fn(model: DiT, spec: SamplingSpec, batch: int) -> Callable[..., jax.
       out_sharding=NamedSharding(mesh, PartitionSpec()))
 
 
+def vae_decoder(vae_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+  """Latents (scaled by the VAE's scaling_factor) -> images in [-1, 1], jitted once.
+
+  vae_dir: a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors),
+  e.g. the files of stabilityai/sd-vae-ft-ema.
+  """
+  from dit_jax.vae import AutoencoderKL, load_diffusers_vae
+
+  config, params = load_diffusers_vae(vae_dir)
+  vae = AutoencoderKL(config)
+  decode = jax.jit(lambda p, z: vae.decode_latents(p, z))  # params as an argument, not constants
+  return lambda latents: np.asarray(decode(params, latents))
+
+
 def to_images(samples: np.ndarray, decode: Optional[Callable[[np.ndarray], np.ndarray]] = None
               ) -> np.ndarray:
   """Model outputs [N, H, W, C] -> uint8 RGB [N, H', W', 3]; latents go through `decode`."""

@@ -110,3 +110,28 @@ def test_sample_py_on_a_training_workdir(tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=env_with_devices(1))
   assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+def test_sample_py_decodes_latents_with_the_vae(tmp_path):
+  from conftest import fixture_path
+  ckpt = tmp_path / "ckpt"
+  subprocess.run([sys.executable, "-m", "dit_jax.convert", "--torch",
+                  str(fixture_path("dit_reference", "tiny_dit.pt")), "--model", "DiT-S/2",
+                  "--depth", "1", "--hidden-size", "64", "--num-heads", "4", "--image-size",
+                  "64", "--num-classes", "10", "--out", str(ckpt)], check=True, cwd=ROOT,
+                 capture_output=True)
+  base = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}", "--sampler=ddim",
+          "--num_steps=3", "--classes=1,2", "--per_class=2"]
+  missing = subprocess.run(base + [f"--out={tmp_path / 'x.png'}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env_with_devices(1))
+  assert missing.returncode != 0 and "--vae" in missing.stderr
+  vae = str(fixture_path("vae_reference", "tiny_vae"))  # 2x downsampling: 8x8 latents -> 16 px
+  result = subprocess.run(base + [f"--vae={vae}", f"--out={tmp_path / 'g.png'}",
+                                  "--num_samples=3", "--batch_size=2", f"--npz={tmp_path / 's.npz'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env_with_devices(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(tmp_path / "s.npz") as data:
+    assert data["arr_0"].shape == (3, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+  assert np.asarray(Image.open(tmp_path / "g.png")).shape[:2] == (2 * (4 * 16 + 1) + 1,
+                                                                 2 * (4 * 16 + 1) + 1)
