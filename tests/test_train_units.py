@@ -153,3 +153,28 @@ def test_checkpointer_keeps_last_k_plus_every_mth(tmp_path):
     checkpointer.check_compatible({"hidden_size": 16})
   checkpointer.close()
   checkpointer.close()  # idempotent
+
+
+def test_model_inputs_from_moments_images_and_vae():
+  from conftest import fixture_path
+  from dit_jax.train.step import model_inputs
+  from dit_jax.vae import AutoencoderKL, load_diffusers_vae
+
+  mean = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+  # A (near) zero variance posterior gives its mean, times the scaling factor.
+  moments = jnp.concatenate([mean, jnp.full_like(mean, -30.0)], axis=-1)
+  out = model_inputs({"moments": moments, "labels": jnp.zeros(2)}, jax.random.key(1),
+                     latent_scale=0.18215)
+  np.testing.assert_allclose(out, mean * 0.18215, atol=1e-6)
+  # A unit variance posterior adds unit noise (before scaling).
+  moments = jnp.concatenate([jnp.zeros_like(mean), jnp.zeros_like(mean)], axis=-1)
+  noise = model_inputs({"moments": moments}, jax.random.key(1))
+  assert 0.7 < float(jnp.std(noise)) < 1.3
+  images = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3), minval=-1, maxval=1)
+  np.testing.assert_array_equal(model_inputs({"images": images}, jax.random.key(1)), images)
+  config, params = load_diffusers_vae(str(fixture_path("vae_reference", "tiny_vae")))
+  vae = AutoencoderKL(config)
+  encoded = model_inputs({"images": images}, jax.random.key(1), vae, params)
+  np.testing.assert_allclose(encoded, vae.encode_to_latents(params, images, jax.random.key(1)),
+                             rtol=1e-6)
+  assert encoded.shape == (2, 8, 8, 4)
