@@ -1,0 +1,144 @@
+"""Scores a samples `.npz` (ADM evaluator layout) against a reference, all in JAX.
+
+  python -m dit_jax.evaluate --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+      --inception pt_inception-2015-12-05-6726825d.pth --out results.json
+  python -m dit_jax.evaluate --samples digits.npz --ref digits      # the embedded default
+
+References: an ADM reference batch `.npz` (its `mu`, `sigma`, `mu_s`, `sigma_s` when present,
+else statistics computed from `arr_0`; precision/recall need `arr_0`), a folder of images
+(center-cropped to the samples' size), or `tfds:NAME[:SPLIT]` (a prepared array_record dataset).
+`digits` scores with a classifier of scikit-learn's real digits instead of Inception (accuracy
+against `arr_1` and a Fréchet distance in the classifier's features).
+"""
+import argparse
+import json
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from dit_jax.eval.fid_metrics import inception_score, precision_recall
+from dit_jax.eval.frechet import frechet_distance, gaussian_stats
+
+BATCH = 250
+
+
+def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """`arr_0` uint8 [N, H, W, 3] and `arr_1` labels (or None), validated."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--samples: no such file {path}")
+  with np.load(path) as data:
+    if "arr_0" not in data:
+      raise ValueError(f"--samples: {path} has no 'arr_0' (keys {sorted(data.files)})")
+    images = data["arr_0"]
+    labels = data["arr_1"] if "arr_1" in data else None
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"--samples: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
+                     f"{list(images.shape)}")
+  return images, labels
+
+
+def _chunks(images: np.ndarray, size: int = BATCH) -> Iterator[np.ndarray]:
+  for start in range(0, len(images), size):
+    yield images[start:start + size]
+
+
+def reference_images(ref: str, image_size: int) -> np.ndarray:
+  """uint8 [N, S, S, 3] from a folder or `tfds:NAME[:SPLIT]`, ADM center-cropped."""
+  from dit_jax.data import make_source
+  from dit_jax.data.preprocess import center_crop_arr
+
+  if ref.startswith("tfds:"):
+    name, _, split = ref[len("tfds:"):].partition(":")
+    source = make_source({"name": name, "split": split or "train", "channels": 3})
+  elif os.path.isdir(ref):
+    source = make_source({"name": "folder", "folder": ref})
+  else:
+    raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a folder nor tfds:NAME")
+  return np.stack([center_crop_arr(source.get(i)[0], image_size) for i in range(len(source))])
+
+
+def evaluate_inception(samples: np.ndarray, ref: str, inception_path: str,
+                       batch_size: int = BATCH) -> dict[str, Any]:
+  """FID, sFID, Inception Score, precision and recall (ADM evaluator conventions)."""
+  from dit_jax.eval import inception
+  from dit_jax.eval.inception_convert import load_fid_inception
+
+  variables = load_fid_inception(inception_path)
+
+  def features(images: np.ndarray) -> dict[str, np.ndarray]:
+    return inception.inception_features(variables, _chunks(images, batch_size), batch_size)
+
+  sample_feats = features(samples)
+  ref_images, ref_stats = None, {}
+  if ref.endswith(".npz"):
+    if not os.path.isfile(ref):
+      raise FileNotFoundError(f"--ref: no such file {ref}")
+    with np.load(ref) as data:
+      ref_stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
+      ref_images = data["arr_0"] if "arr_0" in data else None
+  else:
+    ref_images = reference_images(ref, samples.shape[1])
+  ref_feats = features(ref_images) if ref_images is not None else {}
+  if "mu" not in ref_stats:
+    ref_stats["mu"], ref_stats["sigma"] = gaussian_stats(ref_feats["pool3"])
+  if "mu_s" not in ref_stats and ref_feats:
+    ref_stats["mu_s"], ref_stats["sigma_s"] = gaussian_stats(ref_feats["spatial"])
+  mu, sigma = gaussian_stats(sample_feats["pool3"])
+  results = {"num_samples": int(len(samples)),
+             "fid": frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"]),
+             "inception_score": inception_score(sample_feats["logits_unbiased"])}
+  if "mu_s" in ref_stats:
+    mu_s, sigma_s = gaussian_stats(sample_feats["spatial"])
+    results["sfid"] = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"])
+  if ref_feats:  # precision/recall need the reference features themselves
+    results["precision"], results["recall"] = precision_recall(ref_feats["pool3"],
+                                                               sample_feats["pool3"])
+  return results
+
+
+def evaluate_digits(samples: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, Any]:
+  """The digits default's domain metrics: classifier accuracy and Fréchet distance."""
+  from dit_jax.eval.digits import DigitsGrader
+
+  if samples.shape[1:3] != (8, 8):
+    raise ValueError(f"--samples: digits samples must be 8x8, got {list(samples.shape[1:3])}")
+  if labels is None:
+    raise ValueError("--samples: digits evaluation needs the conditioning labels in arr_1")
+  grade = DigitsGrader().grade(samples[..., :1], labels)
+  return {"num_samples": int(grade["num_samples"]), "accuracy": float(grade["accuracy"]),
+          "frechet_distance": float(grade["frechet_distance"])}
+
+
+def main(argv: Any = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC)")
+  parser.add_argument("--ref", required=True, help="reference .npz, folder, tfds:NAME, digits")
+  parser.add_argument("--inception", help="pytorch-fid weights pt_inception-2015-12-05-*.pth")
+  parser.add_argument("--out", help="JSON file for the results (must not exist)")
+  parser.add_argument("--batch_size", type=int, default=BATCH, help="Inception batch size")
+  args = parser.parse_args(argv)
+  try:
+    if args.out and os.path.exists(args.out):
+      raise FileExistsError(f"--out: {args.out} already exists; refusing to overwrite it")
+    samples, labels = load_samples(args.samples)
+    if args.ref == "digits":
+      results = evaluate_digits(samples, labels)
+    else:
+      if not args.inception:
+        raise ValueError("--inception: Inception metrics need the pytorch-fid weights file "
+                         "(pt_inception-2015-12-05-6726825d.pth)")
+      results = evaluate_inception(samples, args.ref, args.inception, args.batch_size)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"error: {e}") from None
+  width = max(map(len, results))
+  for name, value in results.items():
+    print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else
+          f"{name:<{width}}  {value}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
