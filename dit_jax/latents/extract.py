@@ -1,0 +1,68 @@
+"""Pre-extracts VAE latents of a dataset (resumable; every device, every host).
+
+  python -m dit_jax.latents.extract --config configs/imagenet.py:XL/2 \
+      --vae checkpoints/sd-vae-ft-ema --out latents/imagenet256 [--batch_size 64] \
+      [--dtype float16] [--config.data.data_dir=...]
+
+The config's `data` section picks the dataset and `data.image_size` the crop. Interrupted? Run
+the same command again: finished chunks are skipped. Multi-host: run it on every host (with
+the distributed flags, or DIT_DISTRIBUTED=auto). The library is `dit_jax.latents.extraction`.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
+flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (config.json + weights).")
+flags.DEFINE_string("out", None, "Output directory of the latent dataset.")
+flags.DEFINE_integer("batch_size", 64, "Images per encoder call on each host (each is also "
+                     "encoded mirrored); a multiple of the host's devices.")
+flags.DEFINE_integer("chunk_size", 1024, "Examples per output file (the unit of resumption); "
+                     "rounded up to a multiple of --batch_size.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored dtype of the moments.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "vae", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
+
+  from dit_jax.latents.extraction import check_not_complete, extract_from_config
+  try:
+    check_not_complete(FLAGS.out)  # a finished directory fails fast, before any setup.
+  except FileExistsError as e:
+    sys.exit(f"error: {e}")
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif os.environ.get("DIT_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  if FLAGS.config.data.name not in ("digits", "folder"):
+    try:  # tfds imports TensorFlow, which must never take accelerator memory.
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+      pass
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    result = extract_from_config(FLAGS.config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
+                                 chunk_size=FLAGS.chunk_size, dtype=FLAGS.dtype)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(f"error: {e}")
+  if jax.process_index() == 0:
+    state = "complete" if result.complete else "incomplete (other processes' chunks missing)"
+    print(f"{result.out_dir}: wrote {len(result.written)} chunks, skipped "
+          f"{len(result.skipped)}; {state}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,172 @@
+"""Training batches of pre-extracted latents, with `dit_jax.data.InputPipeline`'s contract.
+
+The order (`sampler.global_batch_indices`), the process rows (`sampler.process_slice`) and the
+flips (`preprocess.flip_mask`) are the image pipeline's own functions, so for the same seed a
+latent run sees the same examples, mirrored the same way, as an image run with an online VAE.
+"""
+import collections
+import concurrent.futures
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from dit_jax.data import preprocess, sampler
+from dit_jax.latents.source import LatentSource
+
+Batch = dict[str, np.ndarray]
+
+
+class LatentPipeline:
+  """Deterministic, resumable batches of posterior moments; a pure function of (seed, step).
+
+    with LatentPipeline(LatentSource(directory), global_batch_size=256, seed=0,
+                        random_flip=True) as pipeline:
+      for step, batch in pipeline.iterate(start_step):
+        batch = to_global(batch, sharding)  # dit_jax.data.to_global
+        latents = latents_from_moments(batch["moments"], rng, scaling_factor)
+  """
+
+  def __init__(self, source: LatentSource, *, global_batch_size: int, seed: int,
+               random_flip: bool, process_index: int | None = None,
+               process_count: int | None = None, num_threads: int = 8, prefetch: int = 2):
+    """Sets the pipeline up; reads nothing yet.
+
+    Args:
+      source: the latent directory (`LatentSource`).
+      global_batch_size: examples per step summed over all processes (`config.batch_size`).
+      seed: data seed: fixes the order and the flips (as in `InputPipeline`).
+      random_flip: use the mirrored moments of half of the examples.
+      process_index: this process; None: `jax.process_index()`.
+      process_count: number of processes; None: `jax.process_count()`.
+      num_threads: threads reading records; 0 reads in the calling thread.
+      prefetch: batches prepared ahead of the consumer in `iterate`; 0 prepares none.
+    """
+    self.source = source
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    self.random_flip = random_flip
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.local_batch_size = sampler.local_batch_size(global_batch_size, self.process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
+    if prefetch < 0 or num_threads < 0:
+      raise ValueError(f"prefetch ({prefetch}) and num_threads ({num_threads}) must be >= 0")
+    self.prefetch = prefetch
+    self._permutations = sampler.EpochPermutations(len(source), seed)
+    # Separate pools: a batch task waits on record tasks, so one shared pool could deadlock.
+    self._example_pool = (concurrent.futures.ThreadPoolExecutor(
+        num_threads, thread_name_prefix="dit_jax_latents_read") if num_threads else None)
+    self._batch_pool = (concurrent.futures.ThreadPoolExecutor(
+        prefetch, thread_name_prefix="dit_jax_latents_batch") if prefetch else None)
+    self._closed = False
+
+  @property
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of `local_batch`."""
+    return {"moments": jax.ShapeDtypeStruct((self.local_batch_size,) + self.source.moments_shape,
+                                            np.float32),
+            "labels": jax.ShapeDtypeStruct((self.local_batch_size,), np.int32)}
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
+    return sampler.global_batch_indices(step, self.global_batch_size, len(self.source),
+                                        self.seed, self._permutations)
+
+  def local_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's (dataset indices int64 `[L]`, flips bool `[L]`) for `step`."""
+    rows = sampler.process_slice(np.arange(self.global_batch_size), self.process_index,
+                                 self.process_count)
+    indices = self.global_indices(step)[rows]
+    if self.random_flip:
+      # Keyed by global example position, as in InputPipeline: independent of the process layout.
+      flips = preprocess.flip_mask(self.seed, step * self.global_batch_size + rows)
+    else:
+      flips = np.zeros(len(rows), bool)
+    return indices, flips
+
+  def local_batch(self, step: int) -> Batch:
+    """This process's rows of the batch of `step`.
+
+    Returns:
+      "moments": float32 `[local_batch, h, w, 2c]`, `concat([mean, logvar], -1)` (unscaled;
+        see `latents_from_moments`); "labels": int32 `[local_batch]`.
+    """
+    if self._closed:
+      raise RuntimeError("the latent pipeline is closed")
+    indices, flips = self.local_rows(step)
+    if self._example_pool is None:
+      examples = list(map(self.source.get, indices, flips))
+    else:
+      examples = list(self._example_pool.map(self.source.get, indices, flips))
+    return {"moments": np.stack([moments for moments, _ in examples]),
+            "labels": np.asarray([label for _, label in examples], np.int32)}
+
+  def iterate(self, start_step: int = 0,
+              num_steps: int | None = None) -> Iterator[tuple[int, Batch]]:
+    """Yields `(step, local_batch(step))` for `step = start_step, start_step + 1, ...`.
+
+    Up to `prefetch` batches are read in the background and yielded in step order.
+
+    Args:
+      start_step: the first step (the checkpoint's step when resuming).
+      num_steps: how many batches; None: without end.
+    """
+    steps = (itertools.count(start_step) if num_steps is None
+             else iter(range(start_step, start_step + num_steps)))
+    if self._batch_pool is None:
+      for step in steps:
+        yield step, self.local_batch(step)
+      return
+    pending: collections.deque[tuple[int, concurrent.futures.Future[Batch]]] = (
+        collections.deque())
+    try:
+      for step in steps:
+        pending.append((step, self._batch_pool.submit(self.local_batch, step)))
+        if len(pending) > self.prefetch:
+          done_step, future = pending.popleft()
+          yield done_step, future.result()
+      while pending:
+        done_step, future = pending.popleft()
+        yield done_step, future.result()
+    finally:
+      for _, future in pending:
+        future.cancel()
+
+  def close(self) -> None:
+    """Stops the worker threads and closes the source's readers. Idempotent."""
+    self._closed = True
+    for pool in (self._batch_pool, self._example_pool):
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+    self.source.close()
+
+  def __enter__(self) -> "LatentPipeline":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def make_latent_pipeline(config: Any, directory: str, *, process_index: int | None = None,
+                         process_count: int | None = None) -> LatentPipeline:
+  """The latent pipeline for a training config (as `dit_jax.data.make_pipeline` for images).
+
+  Reads `config.batch_size`, `config.seed`, `config.data.random_flip` and the optional
+  `config.data.num_threads` / `prefetch`; checks that the directory was extracted at
+  `config.data.image_size` when the config sets one.
+  """
+  data = config.data
+  source = LatentSource(directory)
+  image_size = data.get("image_size")
+  if image_size and int(image_size) != source.image_size:
+    raise ValueError(f"{directory} holds latents of {source.image_size}px crops, but "
+                     f"config.data.image_size={image_size}")
+  optional = {key: data.get(key) for key in ("num_threads", "prefetch")
+              if data.get(key) is not None}
+  return LatentPipeline(source, global_batch_size=config.batch_size, seed=config.seed,
+                        random_flip=bool(data.random_flip), process_index=process_index,
+                        process_count=process_count, **optional)

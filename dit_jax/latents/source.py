@@ -1,0 +1,112 @@
+"""A pre-extracted latent directory read by index, like the image sources of `dit_jax.data`."""
+import os
+import threading
+from typing import Any
+
+import numpy as np
+from array_record.python import array_record_module
+
+from dit_jax.latents import records
+from dit_jax.vae import VAEConfig
+
+
+class LatentSource:
+  """Example `index` of a latent directory: its posterior moments (optionally mirrored), label.
+
+  Readers are opened lazily, one per chunk file, and shared by all threads (ArrayRecord readers
+  are thread-safe; grain shares them the same way). Use as a context manager or call `close()`.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str]):
+    """Opens `directory/metadata.json` and checks that every chunk file exists.
+
+    Raises:
+      FileNotFoundError: the directory, its metadata or a chunk file is missing (the message
+        names the directory and the command that creates or finishes it).
+    """
+    directory = os.fspath(directory)
+    self.directory = directory
+    command = records.EXTRACT_COMMAND.format(directory=directory)
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(
+          f"latent directory {directory!r} does not exist. Create it with:\n    {command}")
+    metadata_path = os.path.join(directory, records.METADATA_NAME)
+    if not os.path.exists(metadata_path):
+      raise FileNotFoundError(
+          f"latent directory {directory!r} is incomplete (no {records.METADATA_NAME}: the "
+          f"extraction was interrupted or is still running). Finish it by rerunning the same "
+          f"command:\n    {command}")
+    metadata = records.read_json(metadata_path)
+    if metadata.get("format") != records.FORMAT:
+      raise ValueError(f"{metadata_path}: format {metadata.get('format')!r}, expected "
+                       f"{records.FORMAT!r}")
+    self.metadata: dict[str, Any] = metadata
+    self.num_examples = int(metadata["num_examples"])
+    self.num_classes = int(metadata["num_classes"])
+    # (h, w, c): the latents the diffusion model sees; moments are (h, w, 2c).
+    self.latent_shape: tuple[int, int, int] = tuple(metadata["latent_shape"])
+    self.moments_shape = self.latent_shape[:2] + (2 * self.latent_shape[2],)
+    self.dtype: str = metadata["dtype"]
+    self.image_size = int(metadata["image_size"])
+    self.chunk_size = int(metadata["chunk_size"])
+    self.scaling_factor = float(metadata["scaling_factor"])
+    self.shift_factor: float | None = metadata.get("shift_factor")
+    self.num_chunks = records.num_chunks(self.num_examples, self.chunk_size)
+    missing = [records.chunk_path(directory, k) for k in range(self.num_chunks)
+               if not os.path.exists(records.chunk_path(directory, k))]
+    if missing:
+      raise FileNotFoundError(
+          f"latent directory {directory!r} lacks {len(missing)} of its {self.num_chunks} chunk "
+          f"files (first: {missing[0]}). Delete {records.METADATA_NAME} and rerun the "
+          f"extraction to rebuild them:\n    {command}")
+    self._readers: list[Any] = [None] * self.num_chunks
+    self._lock = threading.Lock()
+
+  @property
+  def vae_config(self) -> VAEConfig:
+    """The VAE that made the latents (decode samples with the same one)."""
+    return VAEConfig.from_dict(self.metadata["vae_config"])
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def _reader(self, chunk: int) -> Any:
+    reader = self._readers[chunk]
+    if reader is None:
+      with self._lock:  # two threads must not both open (and leak) a reader.
+        reader = self._readers[chunk]
+        if reader is None:
+          reader = array_record_module.ArrayRecordReader(
+              records.chunk_path(self.directory, chunk), records.READER_OPTIONS)
+          self._readers[chunk] = reader
+    return reader
+
+  def read(self, index: int) -> tuple[np.ndarray, int]:
+    """The stored record of example `index`: moments `[2, h, w, 2c]` (original, flipped) in the
+    stored dtype (a read-only view), and the label."""
+    index = int(index)
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"example {index} outside [0, {self.num_examples})")
+    chunk, position = divmod(index, self.chunk_size)
+    record = self._reader(chunk).read([position])[0]
+    return records.decode_record(record, self.latent_shape, self.dtype)
+
+  def get(self, index: int, flip: bool = False) -> tuple[np.ndarray, int]:
+    """Example `index`: float32 moments `[h, w, 2c]` (`concat([mean, logvar], -1)` of the
+    image, or of its mirror when `flip`) and the label."""
+    pair, label = self.read(index)
+    return pair[int(bool(flip))].astype(np.float32), label
+
+  def close(self) -> None:
+    """Closes the open readers (later reads reopen them)."""
+    with self._lock:
+      readers, self._readers = self._readers, [None] * self.num_chunks
+    for reader in readers:
+      if reader is not None:
+        reader.close()
+
+  def __enter__(self) -> "LatentSource":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
