@@ -22,6 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 8  # image decoding threads per process.
   config.data.prefetch = 2  # batches decoded ahead.
 
+  # Latent space. Pre-extracted latents (python -m dit_jax.latents.extract) are the fast path;
+  # without them, a VAE path makes the run encode images on the fly.
+  config.latents_dir = ""  # a directory of extracted latents: training reads it, not images.
+  config.vae = ml_collections.ConfigDict()
+  config.vae.path = ""  # diffusers AutoencoderKL folder (sd-vae-ft-ema): encode / decode grids.
+
   config.model = ml_collections.ConfigDict()
   config.model.variant = "XL/2"  # S|B|L|XL x /2,/4,/8 (the table in dit_jax.models).
   config.model.input_size = 32  # side of the model's input (latent side = image_size / 8).
@@ -90,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.num_steps = 50
   config.sample.eta = 0.0
   config.sample.cfg_scale = 4.0  # 4.0 for pictures, 1.5 for FID.
-  config.sample.guidance_channels = 3  # the official quirk; None guides all channels.
+  # 3: the official quirk; None guides all channels (typed, so --config can override a None).
+  config.sample.guidance_channels = config_dict.FieldReference(3, field_type=int)
   config.sample.clip_denoised = False  # True only for pixel-space models.
 
   config.eval = ml_collections.ConfigDict()

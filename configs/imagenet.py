@@ -1,9 +1,12 @@
 """ImageNet class-conditional DiT in the latent space of Stable Diffusion's VAE (the paper).
 
 Usage: --config configs/imagenet.py:XL/2  (or "XL/2,512" for 512 px; any of S|B|L|XL x 2|4|8).
-Data: tfds `imagenet2012` from a manual download, prepared in array_record format. Training
-needs the VAE (latent space), which is not part of dit-jax yet: until it is, the run stops with
-an error saying so; the model, diffusion and the import of official weights work today.
+Data: latents pre-extracted once from tfds `imagenet2012` (a manual download, prepared in
+array_record format) with Stable Diffusion's VAE:
+  python -m dit_jax.latents.extract --config configs/imagenet.py:XL/2 --vae SD_VAE_DIR --out LATENTS
+  python train.py --config configs/imagenet.py:XL/2 --workdir WORKDIR \
+      --config.latents_dir=LATENTS --config.vae.path=SD_VAE_DIR
+Without `latents_dir`, `vae.path` alone encodes images on the fly (slower).
 """
 import ml_collections
 
@@ -21,4 +24,5 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   config.model.variant = variant
   config.model.input_size = image_size // VAE_FACTOR
   config.model.in_channels = 4  # VAE latents.
+  config.latents_dir = ""  # set to the extracted latents (see above)
   return config

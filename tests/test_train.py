@@ -232,3 +232,28 @@ def test_config_typo_fails(tmp_path):
 
 def test_fixture_dir_is_available():
   assert fixture_path("dit_reference", "tiny_dit.pt").exists()
+
+
+def test_latent_training_from_extracted_latents_and_on_the_fly(tmp_path):
+  """A tiny image folder -> latents with the tiny VAE -> three training steps -> a decoded grid."""
+  folder = tmp_path / "images"
+  write_folder(folder, sizes=((20, 18), (16, 24), (32, 32)))
+  vae = str(fixture_path("vae_reference", "tiny_vae"))  # 2x downsampling, 4 latent channels
+  latents = tmp_path / "latents"
+  config = f"--config={ROOT / 'configs/folder.py'}:{folder},16,2"
+  extract = subprocess.run([os.sys.executable, "-m", "dit_jax.latents.extract", config,
+                            f"--vae={vae}", f"--out={latents}", "--batch_size=4"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env_with_devices(1))
+  assert extract.returncode == 0, extract.stderr[-3000:]
+  common = dict(config=f"configs/folder.py:{folder},16,2", model__in_channels=4,
+                model__input_size=8, model__dtype="float32", batch_size=4,
+                sample__every_steps=3, sample__guidance_channels=3, vae__path=vae)
+  stored = run_train(tmp_path / "from_latents", latents_dir=str(latents), **common)
+  assert_ok(stored)
+  grid = np.asarray(Image.open(tmp_path / "from_latents" / "samples" / "step_0000003.png"))
+  assert grid.shape == (2 * (4 * 16 + 1) + 1, 8 * (4 * 16 + 1) + 1, 3)  # decoded 16 px images
+  on_the_fly = run_train(tmp_path / "on_the_fly", **common)
+  assert_ok(on_the_fly)
+  assert int(restore_state(tmp_path / "on_the_fly")["step"]) == 3
+  losses = [m["train/loss"] for m in read_metrics(tmp_path / "from_latents")]
+  assert len(losses) == 3 and all(np.isfinite(losses))

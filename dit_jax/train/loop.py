@@ -12,6 +12,7 @@ import numpy as np
 
 from dit_jax import checkpoints as params_io
 from dit_jax.data import InputPipeline, make_source, to_global
+from dit_jax.latents import LatentPipeline, LatentSource
 from dit_jax.diffusion import create_diffusion
 from dit_jax.models import DiT, build_model
 from dit_jax.train import sharding as shd
@@ -29,7 +30,7 @@ class Run:
   lr_schedule: Any
   mesh: jax.sharding.Mesh
   rules: tuple
-  pipeline: InputPipeline
+  inputs: "Inputs"
   checkpointer: Checkpointer
   state_shardings: Any
   abstract_state: Any
@@ -49,26 +50,9 @@ def setup(config: Any, workdir: str) -> Run:
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   if config.diffusion.learn_sigma != model.learn_sigma:
     raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
-  source = make_source(config.data)
-  channels = source.image_shape[-1] if source.image_shape else 3
-  if channels != model.in_channels:
-    hint = (" Latent-space training needs the Stable Diffusion VAE, which dit-jax does not "
-            "have yet (pixel-space configs: digits.py, folder.py)." if model.in_channels == 4
-            else "")
-    raise ValueError(f"config.model.in_channels: {model.in_channels}, but the data has "
-                     f"{channels} channels.{hint}")
-  if config.data.image_size != model.input_size:
-    raise ValueError(f"config.data.image_size: {config.data.image_size} must equal "
-                     f"config.model.input_size ({model.input_size}) in pixel space")
-  if source.num_classes != model.num_classes:
-    raise ValueError(f"config.model.num_classes: {model.num_classes}, but the data has "
-                     f"{source.num_classes} classes")
+  inputs = make_inputs(config, model)
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules)
-  pipeline = InputPipeline(
-      source, image_size=config.data.image_size, global_batch_size=config.batch_size,
-      seed=config.seed, random_flip=config.data.random_flip, num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                               keep_period=config.checkpoint.keep_period,
@@ -82,8 +66,64 @@ def setup(config: Any, workdir: str) -> Run:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
       state_shardings)
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
-  return Run(model, tx, lr_schedule, mesh, rules, pipeline, checkpointer, state_shardings,
+  return Run(model, tx, lr_schedule, mesh, rules, inputs, checkpointer, state_shardings,
              abstract_state, rng, init_rng)
+
+
+@dataclasses.dataclass
+class Inputs:
+  """Where batches come from, and what turns them into the model's x_0."""
+  pipeline: Any  # InputPipeline (images) or LatentPipeline (pre-extracted latents)
+  vae: Any = None  # AutoencoderKL when images are encoded on the fly
+  vae_params: Any = None
+  latent_scale: float = 1.0  # the VAE's scaling factor, for pre-extracted latents
+
+
+def make_inputs(config: Any, model: DiT) -> Inputs:
+  """The batches of a run: pre-extracted latents, images encoded on the fly, or pixels."""
+  threads = dict(num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  if config.latents_dir:
+    source = LatentSource(config.latents_dir)
+    expected = (model.input_size, model.input_size, model.in_channels)
+    if tuple(source.latent_shape) != expected:
+      raise ValueError(f"config.latents_dir: {config.latents_dir} holds latents of shape "
+                       f"{list(source.latent_shape)}, the model takes {list(expected)}")
+    _check_classes(source.num_classes, model)
+    pipeline = LatentPipeline(source, global_batch_size=config.batch_size, seed=config.seed,
+                              random_flip=config.data.random_flip, **threads)
+    return Inputs(pipeline, latent_scale=source.scaling_factor)
+  source = make_source(config.data)
+  _check_classes(source.num_classes, model)
+  pipeline = InputPipeline(source, image_size=config.data.image_size,
+                           global_batch_size=config.batch_size, seed=config.seed,
+                           random_flip=config.data.random_flip, **threads)
+  channels = source.image_shape[-1] if source.image_shape else 3
+  if model.in_channels == channels and not config.vae.path:  # pixel space
+    if config.data.image_size != model.input_size:
+      raise ValueError(f"config.data.image_size: {config.data.image_size} must equal "
+                       f"config.model.input_size ({model.input_size}) in pixel space")
+    return Inputs(pipeline)
+  if not config.vae.path:
+    raise ValueError(
+        f"config.model.in_channels: {model.in_channels}, but the data has {channels} channels. "
+        "Latent-space training needs the Stable Diffusion VAE: pre-extracted latents "
+        "(config.latents_dir, made by python -m dit_jax.latents.extract) or config.vae.path "
+        "(encode on the fly).")
+  from dit_jax.vae import AutoencoderKL, load_diffusers_vae
+  vae_config, vae_params = load_diffusers_vae(config.vae.path)
+  factor = vae_config.downsample_factor
+  if (config.data.image_size // factor, vae_config.latent_channels) != (
+      model.input_size, model.in_channels):
+    raise ValueError(f"config.vae.path: its {factor}x, {vae_config.latent_channels}-channel "
+                     f"latents of {config.data.image_size}px images do not fit a model of "
+                     f"input {model.input_size} x {model.in_channels}")
+  return Inputs(pipeline, AutoencoderKL(vae_config), vae_params)
+
+
+def _check_classes(num_classes: int, model: DiT) -> None:
+  if num_classes != model.num_classes:
+    raise ValueError(f"config.model.num_classes: {model.num_classes}, but the data has "
+                     f"{num_classes} classes")
 
 
 def initial_state(run: Run, config: Any) -> state_lib.TrainState:
@@ -104,14 +144,17 @@ def initial_state(run: Run, config: Any) -> state_lib.TrainState:
   return jax.jit(init, out_shardings=run.state_shardings)(run.init_rng)
 
 
-def compile_step(run: Run, config: Any, images_ndim: int = 4):
+def compile_step(run: Run, config: Any):
   step_fn = functools.partial(
       train_step, model=run.model, tx=run.tx, lr_schedule=run.lr_schedule,
-      ema_decay=config.ema_decay, diffusion=create_diffusion(**config.diffusion))
-  batch_shardings = {"images": shd.batch_sharding(run.mesh, run.rules, images_ndim),
+      ema_decay=config.ema_decay, diffusion=create_diffusion(**config.diffusion),
+      vae=run.inputs.vae, latent_scale=run.inputs.latent_scale)
+  x_key = "moments" if isinstance(run.inputs.pipeline, LatentPipeline) else "images"
+  batch_shardings = {x_key: shd.batch_sharding(run.mesh, run.rules, 4),
                      "labels": shd.batch_sharding(run.mesh, run.rules, 1)}
-  jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_shardings,
-                                          shd.replicated(run.mesh)),
+  replicated = shd.replicated(run.mesh)
+  jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_shardings, replicated,
+                                          replicated),
                    out_shardings=(run.state_shardings, shd.replicated(run.mesh)),
                    donate_argnums=0)
   return jitted, batch_shardings
@@ -130,8 +173,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   state = initial_state(run, config)
   start_step = int(state.step)
   p_step, batch_shardings = compile_step(run, config)
+  decode = None
+  if config.vae.path and run.model.in_channels not in (1, 3):
+    from dit_jax.generate import vae_decoder
+    decode = vae_decoder(config.vae.path)
   reporter = reporting.Reporter(config, workdir, run.model, start_step,
-                                out_sharding=shd.replicated(run.mesh))
+                                out_sharding=shd.replicated(run.mesh), decode=decode)
   reporter.start(state.params)
   preemption = PreemptionHandler()
   saved_config = {"model": run.model.arch_config(), "run": json.loads(config.to_json_best_effort())}
@@ -140,9 +187,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   pending: Optional[tuple[int, Any]] = None  # metrics of the previous step, read one step late
   saved = start_step
   try:
-    with run.pipeline:
-      for step, local_batch in run.pipeline.iterate(start_step, config.num_steps - start_step):
-        state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng)
+    with run.inputs.pipeline:
+      for step, local_batch in run.inputs.pipeline.iterate(start_step, config.num_steps - start_step):
+        state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng,
+                                run.inputs.vae_params)
         if pending is not None:  # reading the previous step's loss overlaps with this step
           last = _check_finite(*pending)
           reporter.step(pending[0] + 1, last, flops)

@@ -35,10 +35,11 @@ class Reporter:
   """Metric writing, progress, EMA sample grids and the digits grade for one run."""
 
   def __init__(self, config: Any, workdir: str, model: DiT, start_step: int,
-               out_sharding: Any = None):
-    """out_sharding: where generated samples go (replicated, so every process can read them)."""
+               out_sharding: Any = None, decode: Optional[Any] = None):
+    """out_sharding: where generated samples go (replicated, so every process can read them);
+    decode: latents -> images in [-1, 1] (the VAE) for latent-space models."""
     self.config, self.workdir, self.model = config, workdir, model
-    self.out_sharding = out_sharding
+    self.out_sharding, self.decode = out_sharding, decode
     self.is_chief = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_chief)
     self.progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
@@ -97,8 +98,10 @@ class Reporter:
     labels = np.repeat(classes, self.config.sample.per_class)
     samples = self.generate(params, labels, self._sample_rng)
     if self.model.in_channels not in (1, 3):
-      return None  # latents need the VAE to become pictures
-    upscale = max(1, 64 // self.model.input_size)
+      if self.decode is None:
+        return None  # latents need the VAE (config.vae.path) to become pictures
+      samples = self.decode(samples)
+    upscale = max(1, 64 // samples.shape[1])
     grid = image_io.make_grid(samples, rows=len(classes), upscale=upscale, pad_value=128)
     self.writer.write_images(step, {"samples": grid[None]})
     if not self.is_chief:

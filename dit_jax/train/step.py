@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from dit_jax.diffusion import GaussianDiffusion
+from dit_jax.latents.posterior import latents_from_moments
 from dit_jax.models import LABEL_DROPOUT_RNG, DiT
 from dit_jax.train.state import TrainState, ema_update
 
@@ -21,9 +22,7 @@ def model_inputs(batch: dict[str, jax.Array], rng: jax.Array, vae: Any = None,
   the fly when a VAE is given, else used as they are (pixel space).
   """
   if "moments" in batch:
-    mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
-    latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    return latents * latent_scale
+    return latents_from_moments(batch["moments"], rng, latent_scale)
   if vae is not None:
     return vae.encode_to_latents(vae_params, batch["images"], rng)
   return batch["images"]
