@@ -15,9 +15,9 @@ import os
 import re
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
+from dit_jax import param_tree
 from dit_jax.models import (DiT, abstract_params, create_model, stack_block_params,
                             unstack_block_params)
 from dit_jax.models.layers import pos_embed_2d
@@ -64,21 +64,6 @@ def _unscanned_model(model: DiT) -> DiT:
   return model.clone(scan_blocks=False, remat_policy=None)
 
 
-def _flat_paths(tree: Any) -> dict[tuple[str, ...], Any]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(k.key for k in path): leaf for path, leaf in flat}
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return tree
-
-
 def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
   """Reads a released state_dict or an official train.py checkpoint into numpy arrays."""
   import argparse as _argparse  # the train.py checkpoints pickle an argparse.Namespace.
@@ -112,7 +97,7 @@ def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
 def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
                           source: str = "state_dict") -> dict[str, Any]:
   """Official state_dict (numpy) -> Flax params for `model`; checks every key and shape."""
-  expected = _flat_paths(abstract_params(_unscanned_model(model)))
+  expected = param_tree.flatten(abstract_params(_unscanned_model(model)))
   flat, seen = {}, {POS_EMBED_KEY}
   for path, leaf in expected.items():
     key = torch_key(path)
@@ -129,7 +114,7 @@ def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
     raise ValueError(f"{source}: unexpected key(s) {extra[:5]} for {_name(model)} "
                      f"({len(extra)} in all)")
   _check_pos_embed(state.get(POS_EMBED_KEY), model, source)
-  params = _unflatten(flat)
+  params = param_tree.unflatten(flat)
   return stack_block_params(params, model.depth) if model.scan_blocks else params
 
 
@@ -166,8 +151,8 @@ def to_torch_state_dict(params: dict[str, Any], model: DiT) -> dict[str, np.ndar
     params = unstack_block_params(params)
   state = {POS_EMBED_KEY: pos_embed_2d(
       model.hidden_size, model.input_size // model.patch_size)[None].astype(np.float32)}
-  expected = _flat_paths(abstract_params(_unscanned_model(model)))
-  flat = _flat_paths(params)
+  expected = param_tree.flatten(abstract_params(_unscanned_model(model)))
+  flat = param_tree.flatten(params)
   if set(flat) != set(expected):
     diff = sorted(set(flat) ^ set(expected))[:5]
     raise ValueError(f"params: tree does not match {_name(model)}; differing paths {diff}")

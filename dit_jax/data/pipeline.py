@@ -8,7 +8,7 @@ no iterator state needs checkpointing.
 import collections
 import concurrent.futures
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -135,26 +135,8 @@ class InputPipeline:
       start_step: the first step (the checkpoint's step when resuming).
       num_steps: how many batches; None: without end.
     """
-    end = None if num_steps is None else start_step + num_steps
-    steps = iter(range(start_step, end) if end is not None else itertools.count(start_step))
-    if self._batch_pool is None:
-      for step in steps:
-        yield step, self.local_batch(step)
-      return
-    pending: collections.deque[tuple[int, concurrent.futures.Future[Batch]]] = (
-        collections.deque())
-    try:
-      for step in steps:
-        pending.append((step, self._batch_pool.submit(self.local_batch, step)))
-        if len(pending) > self.prefetch:
-          done_step, future = pending.popleft()
-          yield done_step, future.result()
-      while pending:
-        done_step, future = pending.popleft()
-        yield done_step, future.result()
-    finally:
-      for _, future in pending:
-        future.cancel()
+    return ordered_prefetch(self.local_batch, start_step, num_steps, self._batch_pool,
+                            self.prefetch)
 
   def close(self) -> None:
     """Stops the worker threads (waits for running tasks, drops queued ones). Idempotent."""
@@ -168,6 +150,36 @@ class InputPipeline:
 
   def __exit__(self, *exc_info: Any) -> None:
     self.close()
+
+
+def ordered_prefetch(make_batch: Callable[[int], Any], start_step: int,
+                     num_steps: int | None,
+                     pool: concurrent.futures.ThreadPoolExecutor | None,
+                     prefetch: int) -> Iterator[tuple[int, Any]]:
+  """Yields `(step, make_batch(step))` in step order, preparing up to `prefetch` ahead in `pool`.
+
+  The order and content do not depend on thread timing; closing the generator cancels the
+  batches not started yet. Without a pool every batch is made in the caller's thread.
+  """
+  steps = (itertools.count(start_step) if num_steps is None
+           else iter(range(start_step, start_step + num_steps)))
+  if pool is None:
+    for step in steps:
+      yield step, make_batch(step)
+    return
+  pending: collections.deque[tuple[int, concurrent.futures.Future[Any]]] = collections.deque()
+  try:
+    for step in steps:
+      pending.append((step, pool.submit(make_batch, step)))
+      if len(pending) > prefetch:
+        done_step, future = pending.popleft()
+        yield done_step, future.result()
+    while pending:
+      done_step, future = pending.popleft()
+      yield done_step, future.result()
+  finally:
+    for _, future in pending:
+      future.cancel()
 
 
 def to_global(local_batch: Mapping[str, np.ndarray],

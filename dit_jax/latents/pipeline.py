@@ -4,9 +4,7 @@ The order (`sampler.global_batch_indices`), the process rows (`sampler.process_s
 flips (`preprocess.flip_mask`) are the image pipeline's own functions, so for the same seed a
 latent run sees the same examples, mirrored the same way, as an image run with an online VAE.
 """
-import collections
 import concurrent.futures
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +12,7 @@ import jax
 import numpy as np
 
 from dit_jax.data import preprocess, sampler
+from dit_jax.data.pipeline import ordered_prefetch
 from dit_jax.latents.source import LatentSource
 
 Batch = dict[str, np.ndarray]
@@ -115,26 +114,8 @@ class LatentPipeline:
       start_step: the first step (the checkpoint's step when resuming).
       num_steps: how many batches; None: without end.
     """
-    steps = (itertools.count(start_step) if num_steps is None
-             else iter(range(start_step, start_step + num_steps)))
-    if self._batch_pool is None:
-      for step in steps:
-        yield step, self.local_batch(step)
-      return
-    pending: collections.deque[tuple[int, concurrent.futures.Future[Batch]]] = (
-        collections.deque())
-    try:
-      for step in steps:
-        pending.append((step, self._batch_pool.submit(self.local_batch, step)))
-        if len(pending) > self.prefetch:
-          done_step, future = pending.popleft()
-          yield done_step, future.result()
-      while pending:
-        done_step, future = pending.popleft()
-        yield done_step, future.result()
-    finally:
-      for _, future in pending:
-        future.cancel()
+    return ordered_prefetch(self.local_batch, start_step, num_steps, self._batch_pool,
+                            self.prefetch)
 
   def close(self) -> None:
     """Stops the worker threads and closes the source's readers. Idempotent."""

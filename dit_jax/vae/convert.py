@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from dit_jax import param_tree
 from dit_jax.vae.config import VAEConfig
 from dit_jax.vae.model import AutoencoderKL
 from dit_jax.vae.safetensors import read_safetensors, write_safetensors
@@ -26,7 +27,7 @@ BIN_NAME = "diffusion_pytorch_model.bin"
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value",
                           "to_out.0": "proj_attn"}
 
-Path = tuple[str, ...]
+Path = param_tree.Path
 
 
 def torch_key(path: Path) -> str:
@@ -62,18 +63,7 @@ def expected_shapes(config: VAEConfig) -> dict[Path, tuple[int, ...]]:
   model = AutoencoderKL(config)
   size = 2 * config.downsample_factor
   tree = jax.eval_shape(lambda: model.init_params(jax.random.key(0), image_size=size))
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return tree
+  return {path: tuple(leaf.shape) for path, leaf in param_tree.flatten(tree).items()}
 
 
 def from_diffusers_state_dict(state: dict[str, np.ndarray], config: VAEConfig,
@@ -113,14 +103,13 @@ def from_diffusers_state_dict(state: dict[str, np.ndarray], config: VAEConfig,
         lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:20])
                      + (" ..." if len(items) > 20 else ""))
     raise ValueError("\n".join(lines))
-  return _unflatten(flat)
+  return param_tree.unflatten(flat)
 
 
 def to_diffusers_state_dict(params: dict[str, Any], config: VAEConfig) -> dict[str, np.ndarray]:
   """Flax params -> a diffusers state dict (current naming, float32 numpy)."""
   expected = expected_shapes(config)
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  flat = {tuple(k.key for k in path): leaf for path, leaf in flat}
+  flat = param_tree.flatten(params)
   if set(flat) != set(expected):
     diff = sorted(set(flat) ^ set(expected))[:5]
     raise ValueError(f"params: tree does not match the config; differing paths {diff}")
