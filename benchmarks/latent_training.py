@@ -5,15 +5,15 @@
 Both paths run the same jitted `train_step` on the same DiT; the only difference is the input:
 pre-extracted posterior moments (sampled in the step) or images that the Stable Diffusion VAE
 (its released architecture, random weights: speed does not depend on the values) encodes on the
-fly. Needs only jax/flax/optax/numpy.
+fly. Needs only jax/flax/optax/numpy (no TensorFlow, no ml_collections).
 """
 import argparse
 import functools
 import time
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from dit_jax.diffusion import create_diffusion
 from dit_jax.models import create_model
@@ -50,9 +50,8 @@ def main() -> None:
   vae_params = vae.init_params(jax.random.key(0), image_size=args.image_size)
   latent = args.image_size // vae_config.downsample_factor
   model = create_model(args.variant, input_size=latent, num_classes=1000)
-  optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, b1=0.9,
-                                             b2=0.999, eps=1e-8, warmup_steps=0,
-                                             grad_clip_norm=0.0))
+  optimizer = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999,
+                                    eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
   tx, schedule = state_lib.make_optimizer(optimizer)
   common = dict(model=model, tx=tx, lr_schedule=schedule, ema_decay=0.9999,
                 diffusion=create_diffusion(""))

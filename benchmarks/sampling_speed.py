@@ -119,8 +119,8 @@ def main() -> None:
     for sampler, steps in SAMPLERS:
       first, scan_s = timed(scan_loop(model, params, sampler, steps, noise, y), args.repeats)
       _, py_s = timed(python_loop(model, params, sampler, steps, noise, y), args.repeats)
-      print(f"| {name} | {sampler} | {steps} | {args.batch / scan_s:.1f} | "
-            f"{args.batch / py_s:.1f} | {py_s / scan_s:.2f}x | {first - scan_s:.1f} |",
+      print(f"| {name} | {sampler} | {steps} | {args.batch / scan_s:.3g} | "
+            f"{args.batch / py_s:.3g} | {py_s / scan_s:.2f}x | {first - scan_s:.1f} |",
             flush=True)
 
 

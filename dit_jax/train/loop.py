@@ -167,8 +167,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """
   from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
 
-  if "://" not in workdir:  # orbax wants absolute paths; keep gs:// and the like as they are
-    workdir = os.path.abspath(workdir)
+  # A filesystem path (local or a shared mount); orbax wants it absolute.
+  workdir = os.path.abspath(workdir)
   run = setup(config, workdir)
   state = initial_state(run, config)
   start_step = int(state.step)
