@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from dit_jax.diffusion.sampling import ModelFn, SamplingMixin
+from dit_jax.diffusion import sampling
+from dit_jax.diffusion.sampling import ModelFn
 from dit_jax.diffusion.schedules import extract_into_tensor as _extract_into_tensor
 from dit_jax.diffusion.schedules import get_named_beta_schedule, respace_betas, space_timesteps
 
@@ -54,12 +55,12 @@ class LossType(enum.Enum):
     return self in (LossType.KL, LossType.RESCALED_KL)
 
 
-class GaussianDiffusion(SamplingMixin):
+class GaussianDiffusion:
   """Utilities for training and sampling diffusion models (NHWC, jit-compatible).
 
   All methods take `t` as int `[N]` indices into THIS process (0 .. num_timesteps - 1). The
   samplers (p_sample, p_sample_loop, ddim_sample, ddim_sample_loop, ddim_reverse_sample,
-  ddim_reverse_sample_loop) are inherited from `SamplingMixin` (sampling.py).
+  ddim_reverse_sample_loop) are the functions of sampling.py, exposed as methods.
 
   Attributes:
     num_timesteps: number of steps of this (possibly respaced) process.
@@ -311,6 +312,15 @@ class GaussianDiffusion(SamplingMixin):
     terms["mse"] = mean_flat((target - model_output) ** 2)
     terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
     return terms
+
+  # The samplers live in sampling.py (file size); as methods they read like the reference's.
+  p_sample = sampling.p_sample
+  p_sample_loop = sampling.p_sample_loop
+  ddim_sample = sampling.ddim_sample
+  ddim_sample_loop = sampling.ddim_sample_loop
+  ddim_reverse_sample = sampling.ddim_reverse_sample
+  ddim_reverse_sample_loop = sampling.ddim_reverse_sample_loop
+
 
 def spaced_diffusion(use_timesteps: Sequence[int] | set[int], *, betas: np.ndarray,
                      model_mean_type: ModelMeanType, model_var_type: ModelVarType,
