@@ -40,8 +40,6 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
     if guided:
       noise = jnp.concatenate([noise, noise])
       labels = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
-    if batch_sharding is not None:
-      noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
 
       def model_fn(x, t, y):
         return model.apply({"params": params}, x, t, y, cfg_scale,
@@ -49,6 +47,8 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
     else:
       def model_fn(x, t, y):
         return model.apply({"params": params}, x, t, y)
+    if batch_sharding is not None:
+      noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
     out = run_loop(diffusion, model_fn, noise, loop_rng, sampler=sampler, eta=eta,
                    num_steps=num_steps, clip_denoised=clip_denoised,
                    model_kwargs={"y": labels})

@@ -135,3 +135,17 @@ def test_sample_py_decodes_latents_with_the_vae(tmp_path):
     assert data["arr_0"].shape == (3, 16, 16, 3) and data["arr_0"].dtype == np.uint8
   assert np.asarray(Image.open(tmp_path / "g.png")).shape[:2] == (2 * (4 * 16 + 1) + 1,
                                                                  2 * (4 * 16 + 1) + 1)
+
+
+def test_guidance_is_applied_with_and_without_batch_sharding(pixel_model):
+  """The training grids (no batch sharding) and sample.py (sharded) sample the same way."""
+  from dit_jax.sampling import make_sample_fn
+  model, params = pixel_model
+  labels = np.array([0, 3, 7, 9], np.int32)
+  kwargs = dict(sampler="ddim", num_steps=5, guidance_channels=None, clip_denoised=True)
+  plain = make_sample_fn(model, cfg_scale=3.0, **kwargs)(params, labels, jax.random.key(0))
+  sharded = generate._sample_fn(model, generate.SamplingSpec(cfg_scale=3.0, **kwargs), 4)(
+      params, labels, jax.random.key(0))
+  unguided = make_sample_fn(model, cfg_scale=1.0, **kwargs)(params, labels, jax.random.key(0))
+  np.testing.assert_allclose(plain, sharded, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(plain, unguided, atol=1e-3)
