@@ -217,7 +217,7 @@ def test_make_pipeline_from_config():
                "data_dir": ml_collections.config_dict.placeholder(str)}})
   with make_pipeline(config, process_index=1, process_count=2) as pipeline:
     batch = pipeline.local_batch(1)
-  assert isinstance(pipeline.source, DigitsSource) and not pipeline.random_flip
+  assert isinstance(pipeline.source, DigitsSource) and not pipeline.order.random_flip
   assert batch["images"].shape == (8, 8, 8, 1)
   rows = global_batch_indices(1, 16, 1797, seed=2)[8:]  # process 1 of 2: rows 8..15.
   np.testing.assert_array_equal(batch["labels"], load_digits().target[rows])

@@ -303,7 +303,7 @@ def test_latent_source_errors_name_the_directory_and_command(extracted, tmp_path
 def test_make_latent_pipeline_checks_the_crop(extracted, image_folder):
   config = make_config(image_folder)
   with make_latent_pipeline(config, extracted, process_index=0, process_count=1) as pipeline:
-    assert (pipeline.global_batch_size, pipeline.seed) == (config.batch_size, config.seed)
+    assert (pipeline.order.global_batch_size, pipeline.order.seed) == (config.batch_size, config.seed)
   config.data.image_size = 32
   with pytest.raises(ValueError, match="16px crops"):
     make_latent_pipeline(config, extracted, process_index=0, process_count=1)

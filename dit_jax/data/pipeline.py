@@ -21,6 +21,82 @@ from dit_jax.data.sources import Source, make_source
 Batch = dict[str, np.ndarray]
 
 
+class BatchOrder:
+  """Which examples, and which flips, make up this process's rows of every step's batch.
+
+  A pure function of (seed, step): the order is a per-epoch permutation, the flips are keyed by
+  global example position, so a resumed run and any process layout see the same batches.
+  """
+
+  def __init__(self, num_examples: int, *, global_batch_size: int, seed: int, random_flip: bool,
+               process_index: int | None = None, process_count: int | None = None):
+    """process_index / process_count: None takes `jax.process_index()` / `jax.process_count()`."""
+    self.num_examples = num_examples
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    self.random_flip = random_flip
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.local_batch_size = sampler.local_batch_size(global_batch_size, self.process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
+    self._permutations = sampler.EpochPermutations(num_examples, seed)
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
+    return sampler.global_batch_indices(step, self.global_batch_size, self.num_examples,
+                                        self.seed, self._permutations)
+
+  def local_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's (dataset indices int64 `[L]`, flips bool `[L]`) for `step`."""
+    rows = sampler.process_slice(np.arange(self.global_batch_size), self.process_index,
+                                 self.process_count)
+    indices = self.global_indices(step)[rows]
+    if self.random_flip:
+      # Keyed by global example position, so the flips do not depend on the process layout.
+      flips = preprocess.flip_mask(self.seed, step * self.global_batch_size + rows)
+    else:
+      flips = np.zeros(len(rows), bool)
+    return indices, flips
+
+
+class WorkerPools:
+  """Threads that read examples, and threads that prepare whole batches ahead of the consumer.
+
+  Two pools: a batch task waits on example tasks, so one shared pool could deadlock once every
+  worker holds a batch waiting for example tasks queued behind it.
+  """
+
+  def __init__(self, num_threads: int, prefetch: int, name: str):
+    if prefetch < 0 or num_threads < 0:
+      raise ValueError(f"prefetch ({prefetch}) and num_threads ({num_threads}) must be >= 0")
+    self.prefetch = prefetch
+    self._examples = (concurrent.futures.ThreadPoolExecutor(
+        num_threads, thread_name_prefix=f"{name}_example") if num_threads else None)
+    self._batches = (concurrent.futures.ThreadPoolExecutor(
+        prefetch, thread_name_prefix=f"{name}_batch") if prefetch else None)
+    self._closed = False
+
+  def map(self, fn: Callable[..., Any], *iterables: Any) -> list[Any]:
+    """[fn(*args) ...] in order, on the example threads (or here without any)."""
+    if self._closed:
+      raise RuntimeError("the pipeline is closed")
+    if self._examples is None:
+      return list(map(fn, *iterables))
+    return list(self._examples.map(fn, *iterables))
+
+  def batches(self, make_batch: Callable[[int], Any], start_step: int,
+              num_steps: int | None) -> Iterator[tuple[int, Any]]:
+    return ordered_prefetch(make_batch, start_step, num_steps, self._batches, self.prefetch)
+
+  def close(self) -> None:
+    """Waits for running tasks, drops queued ones. Idempotent."""
+    self._closed = True
+    for pool in (self._batches, self._examples):
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class InputPipeline:
   """Deterministic, resumable batches of center-cropped, flipped, [-1, 1] images.
 
@@ -51,25 +127,10 @@ class InputPipeline:
     """
     self.source = source
     self.image_size = image_size
-    self.global_batch_size = global_batch_size
-    self.seed = seed
-    self.random_flip = random_flip
-    self.process_index = jax.process_index() if process_index is None else process_index
-    self.process_count = jax.process_count() if process_count is None else process_count
-    self.local_batch_size = sampler.local_batch_size(global_batch_size, self.process_count)
-    if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
-    if prefetch < 0 or num_threads < 0:
-      raise ValueError(f"prefetch ({prefetch}) and num_threads ({num_threads}) must be >= 0")
-    self.prefetch = prefetch
-    self._permutations = sampler.EpochPermutations(len(source), seed)
-    # Two pools: batches wait on examples, so sharing one pool could deadlock once every worker
-    # holds a batch waiting for example tasks queued behind it.
-    self._example_pool = (concurrent.futures.ThreadPoolExecutor(
-        num_threads, thread_name_prefix="dit_jax_data_example") if num_threads else None)
-    self._batch_pool = (concurrent.futures.ThreadPoolExecutor(
-        prefetch, thread_name_prefix="dit_jax_data_batch") if prefetch else None)
-    self._closed = False
+    self.order = BatchOrder(len(source), global_batch_size=global_batch_size, seed=seed,
+                            random_flip=random_flip, process_index=process_index,
+                            process_count=process_count)
+    self.workers = WorkerPools(num_threads, prefetch, "dit_jax_data")
 
   @property
   def num_skipped(self) -> int:
@@ -82,14 +143,13 @@ class InputPipeline:
     shape = getattr(self.source, "image_shape", None)
     if shape is None:
       raise ValueError("the source's channel count is only known once an image is read")
-    size, batch = self.image_size, self.local_batch_size
+    size, batch = self.image_size, self.order.local_batch_size
     return {"images": jax.ShapeDtypeStruct((batch, size, size, shape[-1]), np.float32),
             "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
 
   def global_indices(self, step: int) -> np.ndarray:
     """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
-    return sampler.global_batch_indices(step, self.global_batch_size, len(self.source),
-                                        self.seed, self._permutations)
+    return self.order.global_indices(step)
 
   def _example(self, index: int, flip: bool) -> tuple[np.ndarray, int]:
     image, label = self.source.get(int(index))
@@ -105,20 +165,7 @@ class InputPipeline:
       "images": float32 `[local_batch, image_size, image_size, channels]` in [-1, 1];
       "labels": int32 `[local_batch]`.
     """
-    if self._closed:
-      raise RuntimeError("the input pipeline is closed")
-    rows = sampler.process_slice(np.arange(self.global_batch_size), self.process_index,
-                                 self.process_count)
-    indices = self.global_indices(step)[rows]
-    if self.random_flip:
-      # Keyed by global example position, so the flips do not depend on the process layout.
-      flips = preprocess.flip_mask(self.seed, step * self.global_batch_size + rows)
-    else:
-      flips = np.zeros(len(rows), bool)
-    if self._example_pool is None:
-      examples = list(map(self._example, indices, flips))
-    else:
-      examples = list(self._example_pool.map(self._example, indices, flips))
+    examples = self.workers.map(self._example, *self.order.local_rows(step))
     images = np.stack([image for image, _ in examples])
     return {"images": preprocess.to_float(images),
             "labels": np.asarray([label for _, label in examples], np.int32)}
@@ -135,15 +182,11 @@ class InputPipeline:
       start_step: the first step (the checkpoint's step when resuming).
       num_steps: how many batches; None: without end.
     """
-    return ordered_prefetch(self.local_batch, start_step, num_steps, self._batch_pool,
-                            self.prefetch)
+    return self.workers.batches(self.local_batch, start_step, num_steps)
 
   def close(self) -> None:
     """Stops the worker threads (waits for running tasks, drops queued ones). Idempotent."""
-    self._closed = True
-    for pool in (self._batch_pool, self._example_pool):
-      if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+    self.workers.close()
 
   def __enter__(self) -> "InputPipeline":
     return self

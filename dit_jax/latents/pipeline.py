@@ -1,18 +1,16 @@
 """Training batches of pre-extracted latents, with `dit_jax.data.InputPipeline`'s contract.
 
-The order (`sampler.global_batch_indices`), the process rows (`sampler.process_slice`) and the
-flips (`preprocess.flip_mask`) are the image pipeline's own functions, so for the same seed a
-latent run sees the same examples, mirrored the same way, as an image run with an online VAE.
+The order, the process rows and the flips come from the image pipeline's own `BatchOrder`, so
+for the same seed a latent run sees the same examples, mirrored the same way, as an image run
+with an online VAE.
 """
-import concurrent.futures
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
-from dit_jax.data import preprocess, sampler
-from dit_jax.data.pipeline import ordered_prefetch
+from dit_jax.data.pipeline import BatchOrder, WorkerPools
 from dit_jax.latents.source import LatentSource
 
 Batch = dict[str, np.ndarray]
@@ -44,48 +42,25 @@ class LatentPipeline:
       prefetch: batches prepared ahead of the consumer in `iterate`; 0 prepares none.
     """
     self.source = source
-    self.global_batch_size = global_batch_size
-    self.seed = seed
-    self.random_flip = random_flip
-    self.process_index = jax.process_index() if process_index is None else process_index
-    self.process_count = jax.process_count() if process_count is None else process_count
-    self.local_batch_size = sampler.local_batch_size(global_batch_size, self.process_count)
-    if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
-    if prefetch < 0 or num_threads < 0:
-      raise ValueError(f"prefetch ({prefetch}) and num_threads ({num_threads}) must be >= 0")
-    self.prefetch = prefetch
-    self._permutations = sampler.EpochPermutations(len(source), seed)
-    # Separate pools: a batch task waits on record tasks, so one shared pool could deadlock.
-    self._example_pool = (concurrent.futures.ThreadPoolExecutor(
-        num_threads, thread_name_prefix="dit_jax_latents_read") if num_threads else None)
-    self._batch_pool = (concurrent.futures.ThreadPoolExecutor(
-        prefetch, thread_name_prefix="dit_jax_latents_batch") if prefetch else None)
-    self._closed = False
+    self.order = BatchOrder(len(source), global_batch_size=global_batch_size, seed=seed,
+                            random_flip=random_flip, process_index=process_index,
+                            process_count=process_count)
+    self.workers = WorkerPools(num_threads, prefetch, "dit_jax_latents")
 
   @property
   def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of `local_batch`."""
-    return {"moments": jax.ShapeDtypeStruct((self.local_batch_size,) + self.source.moments_shape,
-                                            np.float32),
-            "labels": jax.ShapeDtypeStruct((self.local_batch_size,), np.int32)}
+    batch = self.order.local_batch_size
+    return {"moments": jax.ShapeDtypeStruct((batch,) + self.source.moments_shape, np.float32),
+            "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
 
   def global_indices(self, step: int) -> np.ndarray:
     """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
-    return sampler.global_batch_indices(step, self.global_batch_size, len(self.source),
-                                        self.seed, self._permutations)
+    return self.order.global_indices(step)
 
   def local_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """This process's (dataset indices int64 `[L]`, flips bool `[L]`) for `step`."""
-    rows = sampler.process_slice(np.arange(self.global_batch_size), self.process_index,
-                                 self.process_count)
-    indices = self.global_indices(step)[rows]
-    if self.random_flip:
-      # Keyed by global example position, as in InputPipeline: independent of the process layout.
-      flips = preprocess.flip_mask(self.seed, step * self.global_batch_size + rows)
-    else:
-      flips = np.zeros(len(rows), bool)
-    return indices, flips
+    return self.order.local_rows(step)
 
   def local_batch(self, step: int) -> Batch:
     """This process's rows of the batch of `step`.
@@ -94,13 +69,7 @@ class LatentPipeline:
       "moments": float32 `[local_batch, h, w, 2c]`, `concat([mean, logvar], -1)` (unscaled;
         see `latents_from_moments`); "labels": int32 `[local_batch]`.
     """
-    if self._closed:
-      raise RuntimeError("the latent pipeline is closed")
-    indices, flips = self.local_rows(step)
-    if self._example_pool is None:
-      examples = list(map(self.source.get, indices, flips))
-    else:
-      examples = list(self._example_pool.map(self.source.get, indices, flips))
+    examples = self.workers.map(self.source.get, *self.order.local_rows(step))
     return {"moments": np.stack([moments for moments, _ in examples]),
             "labels": np.asarray([label for _, label in examples], np.int32)}
 
@@ -114,15 +83,11 @@ class LatentPipeline:
       start_step: the first step (the checkpoint's step when resuming).
       num_steps: how many batches; None: without end.
     """
-    return ordered_prefetch(self.local_batch, start_step, num_steps, self._batch_pool,
-                            self.prefetch)
+    return self.workers.batches(self.local_batch, start_step, num_steps)
 
   def close(self) -> None:
     """Stops the worker threads and closes the source's readers. Idempotent."""
-    self._closed = True
-    for pool in (self._batch_pool, self._example_pool):
-      if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+    self.workers.close()
     self.source.close()
 
   def __enter__(self) -> "LatentPipeline":
