@@ -54,6 +54,9 @@ def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, A
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"checkpoint: {directory} holds no checkpoint steps")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"checkpoint: {directory} has no step {step} (it has steps "
+                              f"{sorted(manager.all_steps())})")
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return dict(restored["config"]), step
 
