@@ -9,6 +9,7 @@ from conftest import assert_rel_close, fixture_path, nchw_to_nhwc
 from dit_jax.convert import load_torch_checkpoint
 from dit_jax.models import (VARIANTS, DiT, abstract_params, count_params, create_model, gflops,
                             init_params, stack_block_params, unstack_block_params)
+from dit_jax.models.flops import analytic_gmacs
 from dit_jax.models.layers import LABEL_DROPOUT_RNG, pos_embed_2d, timestep_features
 
 # The facts doc: trainable parameters at 256 px, 1000 classes, and the paper's Gflops.
@@ -152,6 +153,19 @@ def test_gflops_match_paper(name):
 def test_gflops_xl2_512():
   value = gflops(create_model("XL/2", input_size=64))
   assert abs(value - 524.60) / 524.60 < 0.01, value
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_analytic_gmacs_match_paper(name):
+  """The compiler-free count (MFU on backends without cost analysis) agrees with the paper."""
+  value = analytic_gmacs(create_model(name, input_size=32))
+  assert abs(value - GFLOPS[name]) / GFLOPS[name] < 0.01, value
+
+
+def test_gflops_ignore_the_attention_kernel():
+  """A fused attention custom call hides its flops from XLA: Gflops count XLA's attention."""
+  model = create_model("S/8", input_size=32)
+  assert gflops(model.clone(attention_impl="cudnn")) == gflops(model)
 
 
 def test_position_embedding_column_first():

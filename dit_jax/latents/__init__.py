@@ -1,18 +1,25 @@
 """Pre-extracted VAE latent datasets: extraction (`python -m dit_jax.latents.extract`), reading.
 
-Importable without TensorFlow: tfds is imported only when a config's dataset is a tfds one.
+Names are imported on first use (PEP 562), so `dit_jax.latents.posterior`, which the train step
+needs, imports without array_record or TensorFlow (accelerator images often lack both); tfds is
+imported only when a config's dataset is a tfds one.
 """
-from dit_jax.latents.extraction import (ExtractionResult, check_not_complete,
-                                        extract_from_config, extract_latents, params_fingerprint)
-from dit_jax.latents.pipeline import LatentPipeline, make_latent_pipeline
-from dit_jax.latents.posterior import latents_from_moments
-from dit_jax.latents.records import (FORMAT, METADATA_NAME, chunk_path, decode_record,
-                                     encode_record, record_bytes)
-from dit_jax.latents.source import LatentSource
+import importlib
 
-__all__ = [
-    "ExtractionResult", "FORMAT", "LatentPipeline", "LatentSource", "METADATA_NAME",
-    "check_not_complete", "chunk_path", "decode_record", "encode_record", "extract_from_config",
-    "extract_latents", "latents_from_moments", "make_latent_pipeline", "params_fingerprint",
-    "record_bytes",
-]
+_EXPORTS = {
+    "ExtractionResult": "extraction", "check_not_complete": "extraction",
+    "extract_from_config": "extraction", "extract_latents": "extraction",
+    "params_fingerprint": "extraction", "LatentPipeline": "pipeline",
+    "make_latent_pipeline": "pipeline", "latents_from_moments": "posterior",
+    "FORMAT": "records", "METADATA_NAME": "records", "chunk_path": "records",
+    "decode_record": "records", "encode_record": "records", "record_bytes": "records",
+    "LatentSource": "source",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -36,13 +36,31 @@ def gflops(model: DiT, batch: int = 2) -> float:
   counts it as one, hence the division by 2. Elementwise work (norms, softmax, GELU) is
   included by XLA but is well under 1% of the total for every variant.
   """
-  # Cost analysis counts a while-loop body once, so analyse the unrolled block stack.
-  model = model.clone(scan_blocks=False, remat_policy=None, dtype=jnp.float32)
+  # Cost analysis counts a while-loop body once, so analyse the unrolled block stack; a fused
+  # attention kernel (cuDNN) is an opaque custom call to it, so count XLA's attention.
+  model = model.clone(scan_blocks=False, remat_policy=None, dtype=jnp.float32,
+                      attention_impl="xla")
   params = abstract_params(model)
   x, t, y = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in dummy_inputs(model, batch))
   forward = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
   cost = forward.lower(params, x, t, y).cost_analysis()
   return float(cost["flops"]) / 2 / batch / 1e9
+
+
+def analytic_gmacs(model: DiT) -> float:
+  """Forward multiply-accumulates per image (G) of the matmuls, counted from the architecture.
+
+  Needs no compiler: some backends (jax 0.11 on GPU) give no cost analysis of a lowered program.
+  Per block: qkv, projection and the 4x MLP (12 D^2 per token), QK^T and AV (2 T D per token),
+  the adaLN modulation (6 D^2 per image).
+  """
+  d, p, c = model.hidden_size, model.patch_size, model.in_channels
+  tokens = (model.input_size // p) ** 2
+  out = c * 2 if model.learn_sigma else c
+  per_block = tokens * (12 * d * d + 2 * tokens * d) + 6 * d * d
+  embed = tokens * p * p * c * d + 256 * d + d * d
+  final = 2 * d * d + tokens * d * p * p * out
+  return (embed + model.depth * per_block + final) / 1e9
 
 
 def variant_table(image_sizes: tuple[int, ...] = (256,), num_classes: int = 1000) -> str:
