@@ -1,6 +1,8 @@
-"""Shared test setup: float32 at full matmul precision, and the official reference fixtures."""
+"""Shared test setup: float32 at full matmul precision, the reference fixtures, the open guard."""
 import os
 import pathlib
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -10,21 +12,46 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = pathlib.Path(os.environ.get("DIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+# The official outputs live in the repository (tests/fixtures/README.md says how they were made):
+# a clone anywhere runs its own tests.
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Every file the suite opens, here and in the subprocesses it starts, must be inside the
+# checkout, the temporary directory or the Python installation (tests/open_guard/).
+_GUARD_DIR = ROOT / "tests" / "open_guard"
+sys.path.insert(0, str(_GUARD_DIR))
+import open_guard  # noqa: E402  pylint: disable=wrong-import-position
+
+_GUARD_LOG = os.path.join(tempfile.mkdtemp(prefix="dit_open_guard_"), "outside_opens.log")
+os.environ[open_guard.LOG_ENV] = _GUARD_LOG
+os.environ[open_guard.ROOT_ENV] = str(ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(_GUARD_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+open_guard.install(str(ROOT), _GUARD_LOG)
+
+
+@pytest.fixture(autouse=True)
+def no_reads_outside_checkout(request):
+  """Fails a test that opened a path outside the checkout (a fresh clone has nothing beside it)."""
+  before = len(open_guard.read_log(_GUARD_LOG))
+  yield
+  entries = open_guard.read_log(_GUARD_LOG)[before:]
+  outside = sorted({path for _, path in entries})
+  if outside:
+    pytest.fail(f"{request.node.nodeid} opened paths outside the checkout: {outside[:5]}",
+                pytrace=False)
 
 
 def fixture_path(*parts: str) -> pathlib.Path:
   path = FIXTURES.joinpath(*parts)
   if not path.exists():
-    raise FileNotFoundError(
-        f"reference fixture {path} is missing: tests expect ../shared/fixtures beside the "
-        "checkout (or set DIT_FIXTURES)")
+    raise FileNotFoundError(f"reference fixture {path} is missing from tests/fixtures/")
   return path
 
 
 @pytest.fixture(scope="session")
 def dit_ref():
-  """Outputs of the official PyTorch DiT (see ../shared/fixtures/README.md)."""
+  """Outputs of the official PyTorch DiT (see tests/fixtures/README.md)."""
   with np.load(fixture_path("dit_reference", "tiny_dit.npz")) as data:
     return {k: data[k] for k in data.files}
 
