@@ -307,10 +307,18 @@ def test_folder_errors_name_the_path(tmp_path):
   (tmp_path / "no_images" / "cls").mkdir(parents=True)
   with pytest.raises(ValueError, match="no_images"):
     FolderSource(tmp_path / "no_images")
+  # Refused when made, not in a training thread: a folder where no image decodes...
   (tmp_path / "all_bad" / "cls").mkdir(parents=True)
   (tmp_path / "all_bad" / "cls" / "x.png").write_bytes(b"junk")
-  with pytest.raises(RuntimeError, match="all_bad"):
-    FolderSource(tmp_path / "all_bad").get(0)
+  with pytest.raises(ValueError, match=r"all_bad.*none of its 1 image files could be decoded"):
+    FolderSource(tmp_path / "all_bad")
+  # ... and a class folder without images (it would be a class with no example).
+  (tmp_path / "one_empty" / "cat").mkdir(parents=True)
+  (tmp_path / "one_empty" / "dog" / "puppies").mkdir(parents=True)
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "one_empty" / "cat" / "a.png")
+  with pytest.raises(ValueError) as info:
+    FolderSource(tmp_path / "one_empty")
+  assert f"class folder '{tmp_path / 'one_empty' / 'dog'}' holds no images" in str(info.value)
   with pytest.raises(ValueError, match="config.data.folder"):
     make_source({"name": "folder"})
 

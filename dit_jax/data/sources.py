@@ -68,7 +68,8 @@ class FolderSource:
   An unreadable file never stops training: reading it logs one warning naming the file, and
   `get` deterministically returns the next readable index instead (`(i + 1) % n`, ...), so the
   substitute is the same in every run and every thread. `num_skipped` / `skipped_files` count
-  the bad files found so far (they are discovered lazily, when first read).
+  the bad files found so far (they are discovered lazily, when first read). A class folder
+  without images, or a folder where no file decodes, is refused when the source is made.
   """
 
   image_shape = None  # sizes vary.
@@ -94,18 +95,30 @@ class FolderSource:
         class_files.extend(
             os.path.join(dirpath, f) for f in filenames
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+      if not class_files:  # an empty class would be trained on without a single example
+        raise ValueError(
+            f"image folder {root!r}: class folder {os.path.join(root, name)!r} holds no images "
+            f"(extensions {sorted(IMAGE_EXTENSIONS)}); add images or remove it")
       class_files.sort()
       files.extend(class_files)
       labels.extend([label] * len(class_files))
-    if not files:
-      raise ValueError(
-          f"image folder {root!r} has no images (extensions {sorted(IMAGE_EXTENSIONS)}) in its "
-          f"class sub-folders {self.class_names}")
     self.files = files
     self.labels = np.asarray(labels, np.int64)
     self.num_classes = len(self.class_names)
     self._bad: set[int] = set()
     self._lock = threading.Lock()  # `get` runs in the prefetch threads.
+    self._check_readable()
+
+  def _check_readable(self) -> None:
+    """Fails now, not in a training thread, when no file decodes (reads up to the first good)."""
+    for path in self.files:
+      try:
+        _read_rgb(path)
+        return
+      except Exception:  # pylint: disable=broad-except  (any PIL failure: see _decode)
+        continue
+    raise ValueError(f"image folder {self.root!r}: none of its {len(self.files)} image files "
+                     f"could be decoded (e.g. {self.files[0]!r})")
 
   def __len__(self) -> int:
     return len(self.files)
@@ -125,8 +138,7 @@ class FolderSource:
   def _decode(self, index: int) -> np.ndarray | None:
     path = self.files[index]
     try:
-      with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+      return _read_rgb(path)
     # PIL reports corrupt data with many exception types (OSError, SyntaxError, ValueError,
     # DecompressionBombError, struct.error, ...): any of them means "skip this file".
     except Exception as e:  # pylint: disable=broad-except
@@ -150,6 +162,11 @@ class FolderSource:
       if image is not None:
         return image, int(self.labels[j])
     raise RuntimeError(f"none of the {n} image files under {self.root!r} could be decoded")
+
+
+def _read_rgb(path: str) -> np.ndarray:
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"))
 
 
 def _config_get(config: Any, key: str, default: Any = None) -> Any:
