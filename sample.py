@@ -5,7 +5,9 @@
 """
 import logging
 
-from absl import app, flags
+from absl import flags
+
+from dit_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.convert` directory.")
@@ -31,22 +33,30 @@ flags.mark_flag_as_required("checkpoint")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import os
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
+  if not (FLAGS.out or FLAGS.npz):
+    raise cli.UserError("nothing to do: give --out (a grid) and/or --npz with --num_samples")
+  for flag, path in (("--out", FLAGS.out), ("--npz", FLAGS.npz)):
+    if path and os.path.exists(path):
+      raise cli.UserError(f"{flag}: {path} already exists; refusing to overwrite it")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise cli.UserError(f"{flag}: no directory {os.path.dirname(os.path.abspath(path))}")
   import jax
   from dit_jax import checkpoints, generate, images
 
-  if not (FLAGS.out or FLAGS.npz):
-    raise app.UsageError("nothing to do: give --out (a grid) and/or --npz with --num_samples")
-  for path in (FLAGS.out, FLAGS.npz):
-    if path and os.path.exists(path):
-      raise app.UsageError(f"{path} already exists; refusing to overwrite it")
-  model, params = checkpoints.load_params(FLAGS.checkpoint, FLAGS.step, use_ema=FLAGS.use_ema)
+  with cli.user_errors(FileNotFoundError, ValueError):  # not a checkpoint, or no such step
+    arch = checkpoints.load_config(FLAGS.checkpoint, FLAGS.step)[0].get("model", {})
+    if arch.get("in_channels") not in (1, 3) and not FLAGS.vae:
+      raise cli.UserError("--vae: this latent-space model needs the VAE to make images (a "
+                          "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
+    classes = FLAGS.classes or []
+    if not all(c.isdigit() and int(c) < arch.get("num_classes", 0) for c in classes):
+      raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
+                          f"[0, {arch.get('num_classes')})")
+    model, params = checkpoints.load_params(FLAGS.checkpoint, FLAGS.step, use_ema=FLAGS.use_ema)
   pixel_space = model.in_channels in (1, 3)
-  if not pixel_space and not FLAGS.vae:
-    raise app.UsageError("--vae: this latent-space model needs the VAE to make images (a "
-                         "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
   decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
       sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale,
@@ -54,8 +64,7 @@ def main(argv):
       eta=FLAGS.eta, seed=FLAGS.seed,
       clip_denoised=pixel_space if FLAGS.clip_denoised is None else FLAGS.clip_denoised)
   if FLAGS.out:
-    classes = ([int(c) for c in FLAGS.classes] if FLAGS.classes
-               else list(range(min(10, model.num_classes))))
+    classes = [int(c) for c in classes] or list(range(min(10, model.num_classes)))
     pixels, grid = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
                                         decode=decode)
     if jax.process_index() == 0:
@@ -70,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

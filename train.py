@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dit_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
@@ -29,7 +31,7 @@ def quiet_orbax_info() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   if FLAGS.coordinator_address:
@@ -46,16 +48,12 @@ def main(argv):
                jax.local_devices())
 
   from dit_jax.train.loop import train_and_evaluate
-  try:
+  with cli.user_errors(FloatingPointError):  # a diverged run: one line naming the step
     results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-    # Bad input and diverged runs end with one clear line, not a traceback.
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in sorted(results.items())), file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

@@ -10,14 +10,13 @@ Command line (writes an orbax checkpoint with the params and the model config):
 and the reverse:
   python -m dit_jax.convert --from-checkpoint checkpoints/dit_xl2_256 --torch-out out.pt
 """
-import argparse
 import os
 import re
 from typing import Any, Callable
 
 import numpy as np
 
-from dit_jax import param_tree
+from dit_jax import cli, param_tree
 from dit_jax.models import (DiT, abstract_params, create_model, stack_block_params,
                             unstack_block_params)
 from dit_jax.models.layers import pos_embed_2d
@@ -71,8 +70,16 @@ def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--torch: no such file {path}")
-  with torch.serialization.safe_globals([_argparse.Namespace]):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    with torch.serialization.safe_globals([_argparse.Namespace]):
+      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  # torch reports a foreign or damaged file with many types (UnpicklingError, EOFError, KeyError,
+  # RuntimeError, ...), and its message advises weights_only=False: unsafe for a file of unknown
+  # origin, and never needed for weights. Say what the file is not instead.
+  except Exception as e:  # pylint: disable=broad-except
+    empty = " (it is empty)" if os.path.getsize(path) == 0 else ""
+    raise ValueError(f"--torch: {path} is not a PyTorch checkpoint{empty}: expected a "
+                     "state_dict or an official train.py checkpoint saved with torch.save") from e
   if not isinstance(checkpoint, dict):
     raise ValueError(f"{path}: expected a state_dict or a train.py checkpoint dict, got "
                      f"{type(checkpoint).__name__}")
@@ -173,14 +180,11 @@ def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None
 
 
 def main(argv: Any = None) -> None:
-  try:
-    _main(argv)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f"error: {e}") from None
+  cli.run(_main, argv)
 
 
 def _main(argv: Any) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--torch", help="official .pt file to import")
   parser.add_argument("--model", help="variant, e.g. DiT-XL/2")
   parser.add_argument("--image-size", type=int, default=256, help="pixels (latent = size / 8)")
@@ -196,7 +200,11 @@ def _main(argv: Any) -> None:
   parser.add_argument("--from-checkpoint", help="orbax checkpoint directory to export")
   parser.add_argument("--torch-out", help="state_dict .pt to write (must not exist)")
   args = parser.parse_args(argv)
+  with cli.user_errors(ValueError, OSError):  # a wrong file, model or path
+    _convert(parser, args)
 
+
+def _convert(parser: cli.ArgumentParser, args: Any) -> None:
   from dit_jax import checkpoints  # orbax only when writing or reading checkpoints.
   if args.from_checkpoint:
     if not args.torch_out:

@@ -10,13 +10,14 @@ else statistics computed from `arr_0`; precision/recall need `arr_0`), a folder 
 `digits` scores with a classifier of scikit-learn's real digits instead of Inception (accuracy
 against `arr_1` and a Fréchet distance in the classifier's features).
 """
-import argparse
 import json
 import os
+import zipfile
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from dit_jax import cli
 from dit_jax.eval.fid_metrics import inception_score, precision_recall
 from dit_jax.eval.frechet import frechet_distance, gaussian_stats
 
@@ -25,17 +26,39 @@ BATCH = 250
 
 def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """`arr_0` uint8 [N, H, W, 3] and `arr_1` labels (or None), validated."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--samples: no such file {path}")
-  with np.load(path) as data:
+  with _open_npz(path, "--samples") as data:
     if "arr_0" not in data:
       raise ValueError(f"--samples: {path} has no 'arr_0' (keys {sorted(data.files)})")
-    images = data["arr_0"]
-    labels = data["arr_1"] if "arr_1" in data else None
+    images, labels = _read(data, "arr_0", path), _read(data, "arr_1", path)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"--samples: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
                      f"{list(images.shape)}")
   return images, labels
+
+
+def _open_npz(path: str, flag: str) -> Any:
+  """np.load of an .npz, with one-line errors for a missing, truncated or foreign file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{flag}: no such file {path}")
+  try:
+    data = np.load(path)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    # numpy's own message would advise allow_pickle, unsafe for a file of unknown origin.
+    raise ValueError(f"{flag}: {path} is not a readable .npz file (truncated, damaged or "
+                     "another format)") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{flag}: {path} is a single .npy array, not an .npz")
+  return data
+
+
+def _read(data: Any, key: str, path: str) -> Optional[np.ndarray]:
+  """`data[key]` (None when absent); a damaged member is the file's fault, not a bug."""
+  if key not in data:
+    return None
+  try:
+    return data[key]
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: cannot read {key!r}: the file is truncated or damaged") from e
 
 
 def _chunks(images: np.ndarray, size: int = BATCH) -> Iterator[np.ndarray]:
@@ -69,16 +92,14 @@ def evaluate_inception(samples: np.ndarray, ref: str, inception_path: str,
   def features(images: np.ndarray) -> dict[str, np.ndarray]:
     return inception.inception_features(variables, _chunks(images, batch_size), batch_size)
 
-  sample_feats = features(samples)
-  ref_images, ref_stats = None, {}
+  ref_images, ref_stats = None, {}  # read (and checked) before the expensive features
   if ref.endswith(".npz"):
-    if not os.path.isfile(ref):
-      raise FileNotFoundError(f"--ref: no such file {ref}")
-    with np.load(ref) as data:
-      ref_stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
-      ref_images = data["arr_0"] if "arr_0" in data else None
+    with _open_npz(ref, "--ref") as data:
+      ref_stats = {k: _read(data, k, ref) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
+      ref_images = _read(data, "arr_0", ref)
   else:
     ref_images = reference_images(ref, samples.shape[1])
+  sample_feats = features(samples)
   ref_feats = features(ref_images) if ref_images is not None else {}
   if "mu" not in ref_stats:
     ref_stats["mu"], ref_stats["sigma"] = gaussian_stats(ref_feats["pool3"])
@@ -111,16 +132,22 @@ def evaluate_digits(samples: np.ndarray, labels: Optional[np.ndarray]) -> dict[s
 
 
 def main(argv: Any = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  cli.run(_main, argv)
+
+
+def _main(argv: Any) -> None:
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC)")
   parser.add_argument("--ref", required=True, help="reference .npz, folder, tfds:NAME, digits")
   parser.add_argument("--inception", help="pytorch-fid weights pt_inception-2015-12-05-*.pth")
   parser.add_argument("--out", help="JSON file for the results (must not exist)")
   parser.add_argument("--batch_size", type=int, default=BATCH, help="Inception batch size")
   args = parser.parse_args(argv)
-  try:
+  with cli.user_errors(ValueError, OSError):
     if args.out and os.path.exists(args.out):
       raise FileExistsError(f"--out: {args.out} already exists; refusing to overwrite it")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+      raise FileNotFoundError(f"--out: no directory {os.path.dirname(os.path.abspath(args.out))}")
     samples, labels = load_samples(args.samples)
     if args.ref == "digits":
       results = evaluate_digits(samples, labels)
@@ -129,8 +156,6 @@ def main(argv: Any = None) -> None:
         raise ValueError("--inception: Inception metrics need the pytorch-fid weights file "
                          "(pt_inception-2015-12-05-6726825d.pth)")
       results = evaluate_inception(samples, args.ref, args.inception, args.batch_size)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f"error: {e}") from None
   width = max(map(len, results))
   for name, value in results.items():
     print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else

@@ -12,8 +12,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dit_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
@@ -32,14 +34,12 @@ flags.mark_flags_as_required(["config", "vae", "out"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   from dit_jax.latents.extraction import check_not_complete, extract_from_config
-  try:
+  with cli.user_errors(FileExistsError):
     check_not_complete(FLAGS.out)  # a finished directory fails fast, before any setup.
-  except FileExistsError as e:
-    sys.exit(f"error: {e}")
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif os.environ.get("DIT_DISTRIBUTED") == "auto":
@@ -52,12 +52,10 @@ def main(argv):
       pass
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  try:
+  # Bad input (the data, the VAE, the batch size, a directory begun with other settings).
+  with cli.user_errors(ValueError, OSError):
     result = extract_from_config(FLAGS.config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
                                  chunk_size=FLAGS.chunk_size, dtype=FLAGS.dtype)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     state = "complete" if result.complete else "incomplete (other processes' chunks missing)"
     print(f"{result.out_dir}: wrote {len(result.written)} chunks, skipped "
@@ -65,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

@@ -11,10 +11,11 @@ import jax
 import numpy as np
 
 from dit_jax import checkpoints as params_io
+from dit_jax import cli
 from dit_jax.data import InputPipeline, make_source, to_global
 from dit_jax.latents import LatentPipeline, LatentSource
 from dit_jax.diffusion import create_diffusion
-from dit_jax.models import DiT, build_model
+from dit_jax.models import DiT, build_model, model_from_config
 from dit_jax.train import sharding as shd
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpointing import Checkpointer, PreemptionHandler
@@ -39,7 +40,11 @@ class Run:
 
 
 def setup(config: Any, workdir: str) -> Run:
-  """Validates the config against data and workdir and builds the pieces of a run."""
+  """Validates the config against data and workdir and builds the pieces of a run.
+
+  Every check runs before the first write (the checkpoint directory is created last), so a
+  refused run leaves nothing behind.
+  """
   model = build_model(config.model)
   for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
                      ("log_every_steps", config.log_every_steps),
@@ -50,14 +55,14 @@ def setup(config: Any, workdir: str) -> Run:
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   if config.diffusion.learn_sigma != model.learn_sigma:
     raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
-  inputs = make_inputs(config, model)
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules)
+  check_batch_size(config.batch_size, mesh, rules)
+  check_workdir(workdir)
+  if config.init_from:
+    check_init_from(config.init_from, model)
+  inputs = make_inputs(config, model)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                              keep_period=config.checkpoint.keep_period,
-                              async_save=config.checkpoint.async_save)
-  checkpointer.check_compatible(model.arch_config())
   boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
                          jax.random.key(0))
   state_shardings = shd.tree_shardings(boxed, mesh, rules)
@@ -65,9 +70,57 @@ def setup(config: Any, workdir: str) -> Run:
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
       state_shardings)
+  # The first write: the checkpoint directory is created only where no checkpoints exist, so
+  # the compatibility check below refuses only a directory it did not touch.
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                              keep_period=config.checkpoint.keep_period,
+                              async_save=config.checkpoint.async_save)
+  checkpointer.check_compatible(model.arch_config())
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
   return Run(model, tx, lr_schedule, mesh, rules, inputs, checkpointer, state_shardings,
              abstract_state, rng, init_rng)
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
+  """The global batch must split evenly over the mesh axes that the `batch` axis maps to."""
+  spec = shd.batch_sharding(mesh, rules, 1).spec
+  axes = spec[0] if spec else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if batch_size % shards:
+    sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"config.batch_size: {batch_size} does not split over the {shards} "
+                     f"data-parallel devices (mesh axes {sizes}); use a multiple of {shards}")
+  if batch_size % jax.process_count():  # each process reads its own rows of the batch
+    raise ValueError(f"config.batch_size: {batch_size} does not split over the "
+                     f"{jax.process_count()} processes")
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that is (under) a file or cannot be written; writes nothing."""
+  existing = workdir
+  while not os.path.exists(existing):  # the workdir, or the ancestor that makedirs starts at
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"workdir: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    raise ValueError(f"workdir: cannot write in {existing} "
+                     f"({'read-only file system' if read_only else 'permission denied'})")
+
+
+def check_init_from(directory: str, model: DiT) -> None:
+  """`config.init_from` must be a checkpoint of the configured architecture (reads its JSON)."""
+  try:
+    saved, _ = params_io.load_config(directory)
+  except FileNotFoundError as e:
+    raise ValueError(f"config.init_from: {e}") from e
+  if "model" not in saved:
+    raise ValueError(f"config.init_from: {directory} has no model config")
+  source = model_from_config(saved["model"]).arch_config()
+  if source != model.arch_config():
+    raise ValueError(f"config.init_from: {directory} holds {source}, the config asks for "
+                     f"{model.arch_config()}")
 
 
 @dataclasses.dataclass
@@ -133,11 +186,8 @@ def initial_state(run: Run, config: Any) -> state_lib.TrainState:
     logging.info("Resuming from %s step %d", run.checkpointer.directory, step)
     return run.checkpointer.restore(step, run.abstract_state)
   if config.init_from:
-    source_model, params = params_io.load_params(config.init_from,
-                                                 scan_blocks=run.model.scan_blocks)
-    if source_model.arch_config() != run.model.arch_config():
-      raise ValueError(f"config.init_from: {config.init_from} holds {source_model.arch_config()}"
-                       f", the config asks for {run.model.arch_config()}")
+    # setup checked that it holds this architecture.
+    _, params = params_io.load_params(config.init_from, scan_blocks=run.model.scan_blocks)
     from_params = functools.partial(state_lib.state_from_params, tx=run.tx)
     return jax.jit(from_params, out_shardings=run.state_shardings)(params)
   init = functools.partial(state_lib.init_state, model=run.model, tx=run.tx)
@@ -169,7 +219,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   # A filesystem path (local or a shared mount); orbax wants it absolute.
   workdir = os.path.abspath(workdir)
-  run = setup(config, workdir)
+  with cli.user_errors():  # setup only validates: its failures are the user's to fix
+    run = setup(config, workdir)
   state = initial_state(run, config)
   start_step = int(state.step)
   p_step, batch_shardings = compile_step(run, config)

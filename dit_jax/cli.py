@@ -1,0 +1,172 @@
+"""One line per user error: the error handling shared by the command-line programs.
+
+A `UserError` is a mistake in what the user asked for (a flag, a config key, a path, a file).
+`run` reports it as `error: <message>` on one line of stderr and exits with status 1, without a
+traceback; any other exception is a bug and keeps its traceback. With `DIT_VERBOSE=1` in the
+environment, user errors show their traceback too (and the exception they came from).
+
+The programs raise user errors before any expensive work and before writing anything:
+  - absl programs (`train.py`, `sample.py`, `latents.extract`): `run_absl(main)` also turns
+    flag errors into one line, and checks `--config.KEY=...` overrides against the config file,
+    naming the closest existing key (`config: no key 'sample.cfg'; did you mean
+    'sample.cfg_scale'?`);
+  - argparse programs (`evaluate`, `convert`): `ArgumentParser`, whose errors are user errors.
+"""
+import argparse
+import contextlib
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+VERBOSE_ENV = "DIT_VERBOSE"  # set to 1: tracebacks for user errors too
+CONFIG_FLAG = "config"  # the name of the programs' config file flag
+
+
+class UserError(Exception):
+  """A mistake in the user's input, reported as one line without a traceback."""
+
+
+def verbose() -> bool:
+  return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]) -> Iterator[None]:
+  """Re-raises exceptions of `types` (default: ValueError, OSError) as `UserError`.
+
+  For a block that only validates input (config values, paths, file formats): its failures
+  are the user's to fix. The original exception stays attached as the cause.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except (types or (ValueError, OSError)) as e:
+    raise UserError(str(e) or type(e).__name__) from e
+
+
+def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """Calls `main`; a `UserError` becomes `error: <message>` on stderr and exit status 1."""
+  try:
+    return main(*args, **kwargs)
+  except UserError as e:
+    if verbose():
+      raise
+    message = " ".join(str(e).split())  # one line, whatever the message holds
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors (missing or malformed arguments) are user errors: one line."""
+
+  def error(self, message: str):  # type: ignore[override]
+    raise UserError(message)
+
+
+def run_absl(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with one-line flag and config errors (see the module docstring)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  run(app.run, main, flags_parser=parse_absl_flags)
+
+
+def parse_absl_flags(argv: Sequence[str]) -> list[str]:
+  """Parses absl flags after checking the config files and overrides they name."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  values = flags.FLAGS
+  if CONFIG_FLAG in values:  # the programs' `config_flags.DEFINE_config_file("config", ...)`
+    check_config_flag(values.read_flags_from_files(list(argv), force_gnu=False), CONFIG_FLAG)
+  try:
+    return values(list(argv))
+  except flags.Error as e:
+    raise UserError(str(e)) from e
+
+
+def check_config_flag(argv: Sequence[str], name: str = "config") -> None:
+  """Loads the config file `--name` names and checks every `--name.KEY` override exists."""
+  spec = _flag_value(argv, name)
+  if spec is None:
+    return  # absl reports a missing required flag itself.
+  config = load_config_file(spec, name)
+  prefix = re.compile(rf"^--?(no)?{re.escape(name)}\.")
+  for arg in argv:
+    if arg == "--":
+      break
+    match = prefix.match(arg)
+    if match:
+      check_config_key(config, arg[match.end():].split("=", 1)[0], name)
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+  """The last value of `--name=VALUE` or `--name VALUE` in argv (None: not given)."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    for dashes in ("-", "--"):
+      if arg.startswith(f"{dashes}{name}="):
+        value = arg.split("=", 1)[1]
+      elif arg == f"{dashes}{name}" and i + 1 < len(argv):
+        value = argv[i + 1]
+  return value
+
+
+def load_config_file(spec: str, name: str = "config") -> Any:
+  """`get_config([arg])` of a config file given as `path[:arg]`, as ml_collections calls it."""
+  path, colon, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"--{name}: no such file {path!r}")
+  try:
+    module_spec = importlib.util.spec_from_file_location(f"_{name}_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if colon else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file is the user's code, and its argument the user's input.
+    raise UserError(f"--{name}={spec}: {type(e).__name__}: {e}") from e
+
+
+def config_keys(config: Any, prefix: str = "") -> list[str]:
+  """Every key of a ConfigDict, nested ones dotted (`sample.cfg_scale`), sections included."""
+  keys = []
+  for key, value in config.items():
+    keys.append(prefix + key)
+    if hasattr(value, "items") and hasattr(value, "lock"):  # a nested ConfigDict
+      keys.extend(config_keys(value, f"{prefix}{key}."))
+  return keys
+
+
+def check_config_key(config: Any, key: str, name: str = "config") -> None:
+  """Raises a `UserError` naming the closest existing key when `key` is not in `config`."""
+  node = config
+  for i, part in enumerate(key.split(".")):
+    if "[" in part:
+      return  # indexing into a sequence: ml_collections checks it.
+    if not (hasattr(node, "items") and part in node):
+      raise UserError(f"{name}: no key {key!r}{_suggestion(config, key, i)}")
+    node = node[part]
+
+
+def _suggestion(config: Any, key: str, depth: int) -> str:
+  """`; did you mean 'x'?` for the closest key: a sibling first, else the same name in any
+  section (`cfg_scale` -> `sample.cfg_scale`); empty when nothing is close."""
+  parts = key.split(".")
+  section = config
+  for part in parts[:depth]:
+    section = section[part]
+  keys = config_keys(config)
+  if hasattr(section, "keys"):
+    siblings = list(section.keys())
+    match = (difflib.get_close_matches(parts[depth], siblings, n=1)
+             or [k for k in siblings if k.startswith(parts[depth]) or parts[depth].startswith(k)])
+    if match:
+      fixed = ".".join(parts[:depth] + match[:1])
+      rest = ".".join([fixed] + parts[depth + 1:])  # the same path under the corrected name
+      return f"; did you mean {rest if rest in keys else fixed!r}?"
+  by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}  # the shallowest key per name
+  match = difflib.get_close_matches(parts[-1], list(by_leaf), n=1)
+  return f"; did you mean {by_leaf[match[0]]!r}?" if match else ""
