@@ -111,8 +111,8 @@ def test_sample_checkpoint_errors(tmp_path, checkpoint):
   assert error_line(empty, alone=False) == (f"error: checkpoint: {tmp_path / 'empty'} holds no "
                                             "checkpoint steps")
   no_step = run(["sample.py", f"--checkpoint={checkpoint}", "--step=5", f"--out={out}"])
-  assert error_line(no_step, alone=False) == (f"error: checkpoint: {checkpoint} has no step 5 "
-                                              "(it has steps [0])")
+  line = error_line(no_step, alone=False)  # names the steps there are
+  assert line.startswith(f"error: checkpoint: {checkpoint} has no step 5") and "steps [0]" in line
   classes = run(["sample.py", f"--checkpoint={checkpoint}", "--classes=3,10", f"--out={out}"])
   assert error_line(classes, alone=False) == ("error: --classes: 3,10: class ids must lie in "
                                               "[0, 10)")
