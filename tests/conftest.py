@@ -24,6 +24,9 @@ import open_guard  # noqa: E402  pylint: disable=wrong-import-position
 
 _GUARD_LOG = os.path.join(tempfile.mkdtemp(prefix="dit_open_guard_"), "outside_opens.log")
 os.environ[open_guard.LOG_ENV] = _GUARD_LOG
+# TensorFlow's Keras reads ~/.keras/keras.json when imported: point it at the temp directory, so
+# a user's own settings can't change a test either.
+os.environ["KERAS_HOME"] = os.path.dirname(_GUARD_LOG)
 os.environ[open_guard.ROOT_ENV] = str(ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(_GUARD_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
