@@ -48,6 +48,16 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     raise UserError(str(e) or type(e).__name__) from e
 
 
+def import_torch(what: str) -> Any:
+  """torch, or a user error saying how to install it (requirements.txt leaves it out)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError(f"{what} needs PyTorch, which requirements.txt leaves out: install it with "
+                    ".venv/bin/pip install -r requirements-dev.txt") from e
+  return torch
+
+
 def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Calls `main`; a `UserError` becomes `error: <message>` on stderr and exit status 1."""
   try:

@@ -66,7 +66,7 @@ def _unscanned_model(model: DiT) -> DiT:
 def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
   """Reads a released state_dict or an official train.py checkpoint into numpy arrays."""
   import argparse as _argparse  # the train.py checkpoints pickle an argparse.Namespace.
-  import torch
+  torch = cli.import_torch("--torch: reading a PyTorch checkpoint")
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--torch: no such file {path}")
@@ -171,7 +171,7 @@ def to_torch_state_dict(params: dict[str, Any], model: DiT) -> dict[str, np.ndar
 
 def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None:
   """Writes a state_dict that the official `DiT.load_state_dict(strict=True)` accepts."""
-  import torch
+  torch = cli.import_torch("--torch-out: writing a PyTorch checkpoint")
 
   if os.path.exists(path):
     raise FileExistsError(f"--torch-out: {path} already exists; refusing to overwrite it")

@@ -232,3 +232,27 @@ def test_user_errors_keep_their_cause_and_bugs_their_traceback():
   with pytest.raises(SystemExit) as exit_info:
     cli.run(main)
   assert exit_info.value.code == 1
+
+
+def test_convert_without_torch_is_one_line(tmp_path):
+  """requirements.txt leaves torch out: importing weights without it says how to get it."""
+  blocker = ("import sys\n"
+             "class Block:\n"
+             "  def find_spec(self, name, path=None, target=None):\n"
+             "    if name.split('.')[0] == 'torch':\n"
+             "      raise ImportError('no torch')\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "from dit_jax.convert import main\n"
+             "main(sys.argv[1:])\n")
+  pt = tmp_path / "model.pt"
+  pt.write_bytes(b"\x80\x02}q\x00.")
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-c", blocker, "--torch", str(pt), "--model",
+                           "DiT-S/2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip() == (
+      "error: --torch: reading a PyTorch checkpoint needs PyTorch, which requirements.txt "
+      "leaves out: install it with .venv/bin/pip install -r requirements-dev.txt")
+  assert not out.exists()

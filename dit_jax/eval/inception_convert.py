@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import cli
 from dit_jax.eval.inception import FidInceptionV3
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -130,7 +131,7 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
         f"FID Inception weights not found at {str(path)!r}. Download {FID_WEIGHTS_FILE} "
         f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its local path; "
         "nothing is downloaded automatically.")
-  import torch  # pylint: disable=import-outside-toplevel  # Only reading the file needs torch.
+  torch = cli.import_torch(f"{path}: reading the .pth weights")  # only this needs torch.
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from dit_jax import param_tree
+from dit_jax import cli, param_tree
 from dit_jax.vae.config import VAEConfig
 from dit_jax.vae.model import AutoencoderKL
 from dit_jax.vae.safetensors import read_safetensors, write_safetensors
@@ -122,11 +122,9 @@ def to_diffusers_state_dict(params: dict[str, Any], config: VAEConfig) -> dict[s
 
 def read_torch_bin(path: str) -> dict[str, np.ndarray]:
   """A torch-pickled state dict (`diffusion_pytorch_model.bin`) -> float32 numpy arrays."""
-  try:
-    import torch  # only .bin files need torch.
-  except ImportError as e:
-    raise ImportError(f"{path}: reading a .bin (torch pickle) file needs torch, which is not "
-                      f"installed; convert it to {SAFETENSORS_NAME} or install torch") from e
+  # Only .bin files need torch; the released .safetensors files don't.
+  torch = cli.import_torch(f"{path}: reading a .bin (torch pickle) file, unlike "
+                           f"{SAFETENSORS_NAME},")
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
