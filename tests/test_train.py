@@ -3,6 +3,7 @@ a folder run, init_from, and the failure behaviours."""
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import time
 
@@ -174,6 +175,10 @@ def test_init_from_imported_official_weights(tmp_path):
                       optimizer__learning_rate=0.0, optimizer__warmup_steps=0))
   state = restore_state(workdir)
   assert_states_equal(state["params"], jax.tree.map(np.asarray, params), atol=0.0)
+  # Resuming reads the workdir's checkpoint, not init_from: it may be gone by then.
+  shutil.rmtree(ckpt)
+  assert_ok(run_train(workdir, num_steps=2, checkpoint__every_steps=1, init_from=str(ckpt)))
+  assert restore_state(workdir)["step"] == 2
   # A model of another size is refused.
   bad = run_train(tmp_path / "bad", num_steps=1, init_from=str(ckpt), model__hidden_size=64,
                   model__num_heads=4)

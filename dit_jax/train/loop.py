@@ -59,7 +59,9 @@ def setup(config: Any, workdir: str) -> Run:
   rules = shd.rules_from_config(config.axis_rules)
   check_batch_size(config.batch_size, mesh, rules)
   check_workdir(workdir)
-  if config.init_from:
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir))
+  if config.init_from and not resuming:  # a resumed run no longer reads init_from
     check_init_from(config.init_from, model)
   inputs = make_inputs(config, model)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
@@ -72,7 +74,7 @@ def setup(config: Any, workdir: str) -> Run:
       state_shardings)
   # The first write: the checkpoint directory is created only where no checkpoints exist, so
   # the compatibility check below refuses only a directory it did not touch.
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep,
                               keep_period=config.checkpoint.keep_period,
                               async_save=config.checkpoint.async_save)
   checkpointer.check_compatible(model.arch_config())
