@@ -3,7 +3,8 @@
 Layout: an orbax `CheckpointManager` directory whose steps hold two items, `params` (the Flax
 parameter tree, unscanned layout) and `config` (JSON: `{"model": DiT.arch_config(), ...}`), so
 that a later tool rebuilds the model from the checkpoint alone. `python -m dit_jax.convert`
-writes one at step 0.
+writes one at step 0. A training checkpoint (`dit_jax.train.checkpointing`) holds `state` (the
+TrainState, whose `params` / `ema_params` load here) instead of `params`.
 """
 import os
 from typing import Any, Optional
@@ -13,6 +14,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dit_jax.models import DiT, model_from_config, stack_block_params, unstack_block_params
+
+# Item names of a step directory, defined once (dit_jax.train.checkpointing writes STATE_ITEM).
+PARAMS_ITEM = "params"  # a parameter tree (convert output)
+STATE_ITEM = "state"  # a TrainState (training checkpoint)
+CONFIG_ITEM = "config"  # JSON: {"model": DiT.arch_config(), ...}
 
 
 def _unscanned(params: dict[str, Any]) -> dict[str, Any]:
@@ -32,8 +38,8 @@ def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 
   config = {"model": model.arch_config(), **(extra_config or {})}
   params = jax.tree.map(np.asarray, _unscanned(params))
   with ocp.CheckpointManager(directory) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               config=ocp.args.JsonSave(config)))
+    manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params),
+                                                  CONFIG_ITEM: ocp.args.JsonSave(config)}))
     manager.wait_until_finished()
   return directory
 
@@ -45,28 +51,55 @@ def _manager_dir(directory: str) -> str:
   return nested if os.path.isdir(nested) else directory
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A manager for reading, that knows every item a checkpoint of ours may hold.
+
+  Items are read through the manager, which knows the step's layout (`_CHECKPOINT_METADATA`
+  is a file of the step directory, not of each item), and with their handlers registered, so
+  orbax can read an item's metadata and restore one item without the others.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint: no directory {directory}")
+  handlers = {item: ocp.PyTreeCheckpointHandler() for item in (PARAMS_ITEM, STATE_ITEM)}
+  handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
+  # Not `read_only=True`: that only adds warnings about the saves this manager never makes.
+  options = ocp.CheckpointManagerOptions(create=False)
+  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+
+
+def _pick_step(manager: ocp.CheckpointManager, directory: str, step: Optional[int]) -> int:
+  """`step` (default: the latest) if the directory holds it."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"checkpoint: {directory} holds no checkpoint steps")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"checkpoint: {directory} has no step {step}; it holds steps "
+                            f"{sorted(steps)}")
+  return step
+
+
 def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
   """Reads the JSON config of a checkpoint directory; returns (config, step)."""
   directory = _manager_dir(directory)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint: no directory {directory}")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"checkpoint: {directory} holds no checkpoint steps")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"checkpoint: {directory} has no step {step} (it has steps "
-                              f"{sorted(manager.all_steps())})")
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return dict(restored["config"]), step
+  with _reader(directory) as manager:
+    step = _pick_step(manager, directory, step)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG_ITEM: ocp.args.JsonRestore()}))
+  return dict(restored[CONFIG_ITEM]), step
 
 
-def restore_numpy(path: str) -> Any:
-  """Restores one saved pytree item as host numpy arrays, whatever mesh saved it."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(path).item_metadata.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+def _restore_numpy(manager: ocp.CheckpointManager, step: int, item: str,
+                   subtree: Optional[str] = None) -> Any:
+  """One pytree item (or its top-level `subtree`) as host numpy arrays, whatever mesh saved it."""
+  tree = manager.item_metadata(step)[item].tree
+  if subtree is not None:
+    tree = {subtree: tree[subtree]}  # e.g. only the EMA weights of a TrainState
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+      item=tree, restore_args=restore_args, partial_restore=subtree is not None)}))[item]
+  return restored if subtree is None else restored[subtree]
 
 
 def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True,
@@ -86,12 +119,12 @@ def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True
   if "model" not in config:
     raise ValueError(f"checkpoint: {directory} step {step} has no 'model' entry in its config")
   model = model_from_config(config["model"], **runtime)
-  step_dir = os.path.join(_manager_dir(directory), str(step))
-  if os.path.isdir(os.path.join(step_dir, "state")):  # a training checkpoint
-    state = restore_numpy(os.path.join(step_dir, "state"))
-    params = state["ema_params" if use_ema else "params"]
-  else:
-    params = restore_numpy(os.path.join(step_dir, "params"))
+  directory = _manager_dir(directory)
+  with _reader(directory) as manager:
+    if STATE_ITEM in manager.item_metadata(step):  # a training checkpoint
+      params = _restore_numpy(manager, step, STATE_ITEM, "ema_params" if use_ema else "params")
+    else:
+      params = _restore_numpy(manager, step, PARAMS_ITEM)
   params = _unscanned(params)
   if model.scan_blocks:
     params = stack_block_params(params, model.depth)
