@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()
   config.sample.every_steps = 10_000  # EMA sample grid to TensorBoard and samples/*.png.
   config.sample.classes = (88, 207, 279, 360, 387, 388, 417, 974)  # one grid row per class.
-  config.sample.per_class = 8
+  config.sample.per_class = 8  # grid columns, as sample.py --per_class (dit_jax.generate)
   config.sample.sampler = "ddim"  # "ddpm" (the paper: 250 steps) or "ddim".
   config.sample.num_steps = 50
   config.sample.eta = 0.0

@@ -41,7 +41,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.log_every_steps = 500
   config.sample.every_steps = 2000
   config.sample.classes = tuple(range(10))  # one row per digit
-  config.sample.per_class = 10
   config.sample.num_steps = 50
   config.sample.cfg_scale = 3.0  # also used for the final grade
   config.sample.guidance_channels = None  # one channel: guide it (the quirk assumes 4)

@@ -1,5 +1,6 @@
 """Sample grids and large-scale sample generation (ADM-evaluator `.npz`), resumable in chunks."""
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -13,6 +14,11 @@ from dit_jax.models import DiT
 from dit_jax.sampling import make_sample_fn
 
 
+SAMPLE_RNG_TAG = 1_000_003  # fold_in tag: sample noise never collides with a train step's rng
+GRID_PER_CLASS = 8  # grid columns: samples of each class (one row per class)
+GRID_MIN_SIDE = 64  # small images are magnified (nearest neighbour) to at least this many pixels
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSpec:
   """How to sample: the sampler, its steps and guidance. Defaults: the paper's FID setting."""
@@ -23,18 +29,65 @@ class SamplingSpec:
   eta: float = 0.0  # DDIM noise
   clip_denoised: bool = False  # True for pixel-space models
   seed: int = 0
+  noise_schedule: str = "linear"  # the training diffusion's (config.diffusion)
+  diffusion_steps: int = 1000
 
 
-def _sample_fn(model: DiT, spec: SamplingSpec, batch: int) -> Callable[..., jax.Array]:
-  devices = jax.devices()
-  if batch % len(devices):
-    raise ValueError(f"--batch_size: {batch} is not divisible by the {len(devices)} devices")
-  mesh = Mesh(np.asarray(devices), ("batch",))
+def spec_from_config(config: Any) -> SamplingSpec:
+  """The sampling settings of a training config (`config.sample`, `config.diffusion`, seed)."""
+  cfg = config.sample
+  return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
+                      guidance_channels=cfg.guidance_channels, eta=cfg.eta,
+                      clip_denoised=cfg.clip_denoised, seed=config.seed,
+                      noise_schedule=config.diffusion.noise_schedule,
+                      diffusion_steps=config.diffusion.diffusion_steps)
+
+
+def sample_key(seed: int) -> jax.Array:
+  """The base key of a seed's samples: a grid's noise (training's and sample.py's alike, so that
+  `sample.py --seed S` redraws the grids of a run with `config.seed = S`); training's digits
+  grade folds the step into it."""
+  return jax.random.fold_in(jax.random.key(seed), SAMPLE_RNG_TAG)
+
+
+def default_mesh() -> Mesh:
+  """Every device on one `batch` axis: how sample.py spreads its batches."""
+  return Mesh(np.asarray(jax.devices()), ("batch",))
+
+
+@functools.lru_cache(maxsize=16)  # one compile per (model, spec, batch, mesh), like jit's cache
+def _compiled(model: DiT, spec: SamplingSpec, batch: int, mesh: Mesh) -> Callable[..., jax.Array]:
   return make_sample_fn(
       model, sampler=spec.sampler, num_steps=spec.num_steps, cfg_scale=spec.cfg_scale,
       guidance_channels=spec.guidance_channels, eta=spec.eta, clip_denoised=spec.clip_denoised,
-      batch_sharding=NamedSharding(mesh, PartitionSpec("batch")),
+      noise_schedule=spec.noise_schedule, diffusion_steps=spec.diffusion_steps,
+      # The batch over every mesh axis; the result replicated, so every process can read it.
+      batch_sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names)),
       out_sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _sample_fn(model: DiT, spec: SamplingSpec, batch: int,
+               mesh: Optional[Mesh] = None) -> Callable[..., jax.Array]:
+  """Jitted `(params, labels [batch], rng) -> [batch, H, W, C]`, the batch sharded over mesh."""
+  mesh = default_mesh() if mesh is None else mesh
+  if batch % mesh.size:
+    raise ValueError(f"--batch_size: {batch} is not divisible by the {mesh.size} devices")
+  return _compiled(model, dataclasses.replace(spec, seed=0), batch, mesh)
+
+
+def sample(model: DiT, params: Any, spec: SamplingSpec, labels: np.ndarray, rng: jax.Array,
+           mesh: Optional[Mesh] = None) -> np.ndarray:
+  """Samples [N, H, W, C] in the model's space (pixels or latents) for labels [N], any N.
+
+  The batch is padded to a multiple of the mesh's devices; with the default threefry keys a
+  sample's noise depends on its index only, so the padding does not change the others.
+  """
+  mesh = default_mesh() if mesh is None else mesh
+  labels = np.asarray(labels, np.int32)
+  n = len(labels)
+  padded = -(-n // mesh.size) * mesh.size
+  labels = np.concatenate([labels, np.resize(labels, padded - n)])
+  return np.asarray(_sample_fn(model, spec, padded, mesh)(params, labels, rng))[:n]
 
 
 def vae_decoder(vae_dir: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -53,7 +106,11 @@ def vae_decoder(vae_dir: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def to_images(samples: np.ndarray, decode: Optional[Callable[[np.ndarray], np.ndarray]] = None
               ) -> np.ndarray:
-  """Model outputs [N, H, W, C] -> uint8 RGB [N, H', W', 3]; latents go through `decode`."""
+  """Model outputs [N, H, W, C] -> uint8 RGB [N, H', W', 3]; latents go through `decode`.
+
+  RGB always, gray included: pixel-space digits have 1 channel, decoded latents 3, and one
+  colour format lets every grid, `.npz` and PNG look alike (and the ADM evaluator wants 3).
+  """
   if decode is not None:
     samples = np.asarray(decode(samples))
   elif samples.shape[-1] not in (1, 3):
@@ -63,19 +120,28 @@ def to_images(samples: np.ndarray, decode: Optional[Callable[[np.ndarray], np.nd
   return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
 
+def grid_image(pixels: np.ndarray, num_rows: int) -> np.ndarray:
+  """The one grid layout: uint8 RGB [N, H, W, 3] (row-major, one row per class) -> [H', W', 3].
+
+  Cells are magnified to at least GRID_MIN_SIDE pixels and separated by 1 pixel of gray (128).
+  """
+  upscale = max(1, GRID_MIN_SIDE // pixels.shape[1])
+  return image_io.make_grid(pixels, rows=num_rows, upscale=upscale, pad_value=128)
+
+
 def sample_grid(model: DiT, params: Any, spec: SamplingSpec, classes: Sequence[int],
-                per_class: int, decode: Optional[Callable] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Samples per_class images of each class; returns (uint8 [N, H, W, 3], grid, one row a class)."""
+                per_class: int = GRID_PER_CLASS, decode: Optional[Callable] = None,
+                mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Samples per_class images of each class; returns (uint8 RGB [N, H, W, 3], grid_image).
+
+  Training (`Reporter.sample_grid`) and sample.py both draw their grids here: the same params,
+  classes, per_class and spec (seed included) give the same picture.
+  """
   labels = np.repeat(np.asarray(classes, np.int32), per_class)
   if np.any(labels < 0) or np.any(labels >= model.num_classes):
     raise ValueError(f"--classes: class ids must be in [0, {model.num_classes})")
-  n = len(labels)
-  padded = -(-n // jax.device_count()) * jax.device_count()
-  labels = np.concatenate([labels, labels[: padded - n]])
-  out = _sample_fn(model, spec, padded)(params, labels, jax.random.key(spec.seed))
-  pixels = to_images(np.asarray(out)[:n], decode)
-  upscale = max(1, 64 // pixels.shape[1])
-  return pixels, image_io.make_grid(pixels, rows=len(classes), upscale=upscale, pad_value=128)
+  pixels = to_images(sample(model, params, spec, labels, sample_key(spec.seed), mesh), decode)
+  return pixels, grid_image(pixels, num_rows=len(classes))
 
 
 def generate_npz(model: DiT, params: Any, spec: SamplingSpec, num_samples: int, out_path: str,

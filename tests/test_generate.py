@@ -96,7 +96,11 @@ def test_latents_without_vae_are_refused():
 
 
 def test_sample_py_on_a_training_workdir(tmp_path):
-  assert run_train(tmp_path / "run").returncode == 0
+  """sample.py on a workdir; with the run's sampler settings it redraws the run's last grid."""
+  trained = run_train(tmp_path / "run", sample__every_steps=3, sample__classes="(0,1,2)",
+                      sample__per_class=4, sample__sampler="dpm-solver++", sample__num_steps=5,
+                      sample__cfg_scale=3.0)
+  assert trained.returncode == 0, trained.stderr[-3000:]
   grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
   cmd = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}",
          "--sampler=dpm-solver++", "--num_steps=5", "--cfg_scale=3", "--classes=0,1,2",
@@ -104,7 +108,12 @@ def test_sample_py_on_a_training_workdir(tmp_path):
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env_with_devices(1))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert np.asarray(Image.open(grid)).shape[0] == 3 * (8 * 8 + 1) + 1
+  pixels = np.asarray(Image.open(grid))
+  # One grid layout: a row per class, 4 columns, RGB, 8x8 cells magnified 8x, 1 px of gray 128.
+  assert pixels.shape == (3 * (8 * 8 + 1) + 1, 4 * (8 * 8 + 1) + 1, 3)
+  assert np.all(pixels[0] == 128) and np.all(pixels[:, 65] == 128)
+  from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
+  np.testing.assert_array_equal(pixels, from_training)
   with np.load(npz) as data:
     assert data["arr_0"].shape == (6, 8, 8, 3) and data["arr_1"].shape == (6,)
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -138,7 +147,7 @@ def test_sample_py_decodes_latents_with_the_vae(tmp_path):
 
 
 def test_guidance_is_applied_with_and_without_batch_sharding(pixel_model):
-  """The training grids (no batch sharding) and sample.py (sharded) sample the same way."""
+  """make_sample_fn guides alike with and without a batch sharding."""
   from dit_jax.sampling import make_sample_fn
   model, params = pixel_model
   labels = np.array([0, 3, 7, 9], np.int32)

@@ -12,12 +12,10 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
+from dit_jax import generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
-from dit_jax.sampling import make_sample_fn
 from dit_jax.train.throughput import peak_flops
-
-SAMPLE_RNG_TAG = 1_000_003  # fold_in tag: sample noise never collides with a step's rng
 
 
 def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,17 +34,19 @@ class Reporter:
 
   def __init__(self, config: Any, workdir: str, model: DiT, start_step: int,
                out_sharding: Any = None, decode: Optional[Any] = None):
-    """out_sharding: where generated samples go (replicated, so every process can read them);
-    decode: latents -> images in [-1, 1] (the VAE) for latent-space models."""
+    """out_sharding: a sharding on the run's mesh (samples are spread over that mesh and come
+    back replicated, so every process can read them); decode: latents -> images in [-1, 1]
+    (the VAE) for latent-space models."""
     self.config, self.workdir, self.model = config, workdir, model
-    self.out_sharding, self.decode = out_sharding, decode
+    self.mesh = getattr(out_sharding, "mesh", None)
+    self.decode = decode
+    self.spec = generate.spec_from_config(config)
     self.is_chief = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_chief)
     self.progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
                                                     writer=self.writer)
     self._last_time, self._last_step = time.time(), start_step
-    self._sample_fns: dict[int, Any] = {}
-    self._sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_TAG)
+    self._sample_rng = generate.sample_key(config.seed)
 
   def start(self, params: Any) -> None:
     # Shapes only: parameters sharded over several processes are not all addressable here.
@@ -78,31 +78,17 @@ class Reporter:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
-  def _sampler(self, batch: int):
-    if batch not in self._sample_fns:
-      cfg = self.config.sample
-      self._sample_fns[batch] = make_sample_fn(
-          self.model, sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
-          guidance_channels=cfg.guidance_channels, eta=cfg.eta,
-          clip_denoised=cfg.clip_denoised, noise_schedule=self.config.diffusion.noise_schedule,
-          diffusion_steps=self.config.diffusion.diffusion_steps, out_sharding=self.out_sharding)
-    return self._sample_fns[batch]
-
   def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:
     """EMA samples [N, H, W, C] in the model's space for the given labels."""
-    return np.asarray(jax.device_get(self._sampler(len(labels))(params, labels, rng)))
+    return generate.sample(self.model, params, self.spec, labels, rng, self.mesh)
 
   def sample_grid(self, step: int, params: Any) -> Optional[str]:
-    """A grid, one row per class of `config.sample.classes`, with fixed noise across steps."""
-    classes = np.asarray(self.config.sample.classes, np.int32)
-    labels = np.repeat(classes, self.config.sample.per_class)
-    samples = self.generate(params, labels, self._sample_rng)
-    if self.model.in_channels not in (1, 3):
-      if self.decode is None:
-        return None  # latents need the VAE (config.vae.path) to become pictures
-      samples = self.decode(samples)
-    upscale = max(1, 64 // samples.shape[1])
-    grid = image_io.make_grid(samples, rows=len(classes), upscale=upscale, pad_value=128)
+    """The grid of `generate.sample_grid` for `config.sample.classes` (fixed noise across
+    steps): what `sample.py` draws from this step's checkpoint with the same settings."""
+    if self.model.in_channels not in (1, 3) and self.decode is None:
+      return None  # latents need the VAE (config.vae.path) to become pictures
+    _, grid = generate.sample_grid(self.model, params, self.spec, self.config.sample.classes,
+                                   self.config.sample.per_class, self.decode, self.mesh)
     self.writer.write_images(step, {"samples": grid[None]})
     if not self.is_chief:
       return None
