@@ -7,7 +7,7 @@ import logging
 
 from absl import flags
 
-from dit_jax import cli
+from dit_jax import cli, logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.convert` directory.")
@@ -33,6 +33,7 @@ flags.mark_flag_as_required("checkpoint")
 
 
 def main(argv):
+  logs.setup()  # first: before TensorFlow or JAX log anything
   import os
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")

@@ -10,7 +10,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import cli
+from dit_jax import cli, logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
@@ -21,15 +21,8 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process ru
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_orbax_info() -> None:
-  """orbax logs every file operation at INFO; keep its warnings, drop the chatter."""
-  def keep(record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-    handler.addFilter(keep)
-
-
 def main(argv):
+  logs.setup(tensorflow=True)  # first: before TensorFlow or JAX log anything
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
@@ -43,7 +36,6 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  quiet_orbax_info()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
 

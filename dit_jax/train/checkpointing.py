@@ -4,6 +4,8 @@ Each step directory holds `state` (the TrainState) and `config` (JSON: `model` =
 architecture, as `dit_jax.checkpoints` expects, and `run` = the whole run config), so sampling
 and evaluation tools rebuild the model from the checkpoint alone.
 """
+import logging
+import os
 import signal
 import threading
 from typing import Any, Optional
@@ -12,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from dit_jax.checkpoints import CONFIG_ITEM, STATE_ITEM
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -33,8 +37,9 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def saved_config(self, step: int) -> dict[str, Any]:
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return dict(restored["config"])
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return dict(restored[CONFIG_ITEM])
 
   def check_compatible(self, model_arch: dict[str, Any]) -> None:
     """Refuses (before anything is written) a workdir whose checkpoints are another model's."""
@@ -53,12 +58,16 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    return restored[STATE_ITEM]
 
   def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)))
+    """Starts saving `step` (in the background when async); False if the manager skipped it."""
+    saved = self.manager.save(step, force=force, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config)}))
+    if saved:
+      logging.info("Checkpoint: %s", os.path.join(self.directory, str(step)))
+    return saved
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

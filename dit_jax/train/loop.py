@@ -232,7 +232,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     decode = vae_decoder(config.vae.path)
   reporter = reporting.Reporter(config, workdir, run.model, start_step,
                                 out_sharding=shd.replicated(run.mesh), decode=decode)
-  reporter.start(state.params)
+  reporter.start(state.params, run.inputs.pipeline)  # the start-up summary
   preemption = PreemptionHandler()
   saved_config = {"model": run.model.arch_config(), "run": json.loads(config.to_json_best_effort())}
   flops = train_flops_per_image(run.model) if peak_flops() else None

@@ -1,4 +1,4 @@
-"""What a run reports: clu metrics (TensorBoard + console), progress, sample grids, grading.
+"""What a run reports: TensorBoard (clu) and console lines, sample grids, the digits grade.
 
 Imports clu's writers, hence TensorFlow: the train step and model stay importable without.
 """
@@ -10,12 +10,25 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 
 from dit_jax import generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
 from dit_jax.train.throughput import peak_flops
+
+
+def _step_line(step: int, num_steps: int, scalars: dict[str, float]) -> str:
+  """`step 500/4000: loss 0.1129, grad_norm 0.707, lr 0.001, 11.3 steps/s, ETA 5m09s`."""
+  rate = scalars["train/steps_per_sec"]
+  eta = int((num_steps - step) / rate) if rate > 0 else 0
+  parts = [f"{name} {scalars[key]:.4g}" for name, key in (
+      ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/learning_rate"))
+      if key in scalars]
+  parts.append(f"{rate:.3g} steps/s")
+  if "train/mfu" in scalars:
+    parts.append(f"MFU {scalars['train/mfu']:.1%}")
+  return f"step {step}/{num_steps}: {', '.join(parts)}, ETA {eta // 60}m{eta % 60:02d}s"
 
 
 def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -30,7 +43,12 @@ def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Reporter:
-  """Metric writing, progress, EMA sample grids and the digits grade for one run."""
+  """Metric writing, the console lines, EMA sample grids and the digits grade for one run.
+
+  The console gets a start-up summary, one line per log step and one per grid: the metrics go
+  to TensorBoard (clu's SummaryWriter) and metrics.jsonl, not through clu's LoggingWriter,
+  which logs every write (hparams, images, each scalar group) as lines of its own.
+  """
 
   def __init__(self, config: Any, workdir: str, model: DiT, start_step: int,
                out_sharding: Any = None, decode: Optional[Any] = None):
@@ -42,22 +60,41 @@ class Reporter:
     self.decode = decode
     self.spec = generate.spec_from_config(config)
     self.is_chief = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_chief)
-    self.progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
-                                                    writer=self.writer)
+    self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+                   if self.is_chief else metric_writers.MultiWriter([]))
     self._last_time, self._last_step = time.time(), start_step
     self._sample_rng = generate.sample_key(config.seed)
 
-  def start(self, params: Any) -> None:
+  def start(self, params: Any, pipeline: Any = None) -> None:
+    """Logs the start-up summary (model, mesh, data); the parameter table at debug level."""
     # Shapes only: parameters sharded over several processes are not all addressable here.
-    shapes = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype) if p.ndim == 0 else
-                          jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    parameter_overview.log_parameter_overview(shapes, include_stats=False)
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    leaves = jax.tree.leaves(shapes)
+    count = sum(int(np.prod(p.shape)) for p in leaves)
+    size = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in leaves)
+    m = self.model
+    logging.info("Model: DiT, %s parameters (%.1f MB); depth %d, hidden %d, %d heads, patch %d, "
+                 "input %dx%dx%d, %d classes", f"{count:,}", size / 1e6, m.depth, m.hidden_size,
+                 m.num_heads, m.patch_size, m.input_size, m.input_size, m.in_channels,
+                 m.num_classes)
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+      logging.debug("Parameters:\n%s", parameter_overview.get_parameter_overview(
+          jax.tree.map(lambda p: np.zeros((), p.dtype) if not p.shape else p, shapes),
+          include_stats=False))
+    if self.mesh is not None:
+      logging.info("Mesh: %s over %d devices (%d processes)",
+                   ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items()), self.mesh.size,
+                   jax.process_count())
+    if pipeline is not None:
+      source, cfg = pipeline.source, self.config
+      name = cfg.latents_dir or (cfg.data.folder if cfg.data.name == "folder" else cfg.data.name)
+      logging.info("Data: %s, %s examples, %d classes; batch %d, %d steps (%.1f epochs)", name,
+                   f"{len(source):,}", source.num_classes, cfg.batch_size, cfg.num_steps,
+                   cfg.num_steps * cfg.batch_size / max(len(source), 1))
     self.writer.write_hparams(_flat_hparams(json.loads(self.config.to_json_best_effort())))
 
   def step(self, step: int, metrics: dict[str, float], flops_per_image: Optional[float]) -> None:
     """Called once per completed step with that step's (host) metrics."""
-    self.progress(step)
     if step % self.config.log_every_steps:
       return
     now = time.time()
@@ -71,6 +108,7 @@ class Reporter:
       scalars["train/mfu"] = achieved / (peak_flops() * jax.device_count())
     self.writer.write_scalars(step, scalars)
     self._append_jsonl(step, scalars)
+    logging.info("%s", _step_line(step, self.config.num_steps, scalars))
 
   def _append_jsonl(self, step: int, scalars: dict[str, Any]) -> None:
     """metrics.jsonl: the logged scalars, one JSON line per log step (appended, never rewritten)."""
@@ -94,9 +132,11 @@ class Reporter:
       return None
     path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
     if os.path.exists(path):
-      logging.info("%s exists; not overwriting it", path)
+      logging.info("Samples: %s exists; not overwriting it", path)
       return path
-    return image_io.save_png(path, grid)
+    image_io.save_png(path, grid)
+    logging.info("Samples: %s", path)
+    return path
 
   def grade_digits(self, step: int, params: Any) -> dict[str, Any]:
     """Grades `config.eval.num_samples` guided EMA samples with a classifier of real digits."""

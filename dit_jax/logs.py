@@ -1,0 +1,68 @@
+"""What a run prints: our own lines at INFO, the libraries' only from WARNING up.
+
+The entry points call `setup()` first thing in `main()`. What it cuts, each at its source:
+- orbax (several lines per file operation of every checkpoint), clu, tfds and grain INFO: they
+  all log through absl's one Python logger, "absl", so its level is the per-library knob;
+- JAX's backend probing at INFO ("Unable to initialize backend 'tpu'") and TensorFlow's Python
+  INFO: the "jax" and "tensorflow" loggers;
+- TensorFlow's C++ INFO: `TF_CPP_MIN_LOG_LEVEL=1` keeps its warnings and errors. TensorFlow
+  2.21 ignores it for what it logs while loading (the oneDNN notice, twice, each after absl's
+  "before absl::InitializeLog()" notice: abseil logs everything until initialized, see
+  tensorflow/tensorflow#100442), so `setup(tensorflow=True)` imports TensorFlow itself and drops
+  exactly those INFO lines of the import, passing anything else through.
+Our modules log with the standard `logging` (the root logger, which absl's handler prints), so
+their INFO lines stay. `--verbosity=1` (absl's flag; debug) leaves every library as it was.
+"""
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Optional
+
+LIBRARY_LOGGERS = ("absl", "jax", "tensorflow")
+# An absl C++ INFO line (`I0000 00:00:1795745603.357494 3130 port.cc:153] ...`) and the notice
+# abseil prints before its first line when nothing initialized its logging.
+_CPP_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] ")
+_ABSL_PREINIT = ("WARNING: All log messages before absl::InitializeLog() is called are written "
+                 "to STDERR")
+
+
+def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
+  """Keeps the console to what a user reads. Call it before TensorFlow or JAX is imported.
+
+  Args:
+    verbose: keep the libraries' INFO lines too. Default: whether absl's `--verbosity` was
+      raised to debug (>= 1).
+    tensorflow: import TensorFlow now (if installed) without its load-time INFO lines; for
+      programs that import it anyway (clu's TensorBoard writer, tfds).
+  """
+  if verbose is None:
+    from absl import flags
+    verbose = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+  if verbose:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: warnings and errors
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  if tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow"):
+    _import_tensorflow_without_info()
+
+
+def _import_tensorflow_without_info() -> None:
+  """Imports TensorFlow with file descriptor 2 captured, then writes back all but its INFO."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors="replace").splitlines():
+        if line != _ABSL_PREINIT and not _CPP_INFO.match(line):
+          print(line, file=sys.stderr)
