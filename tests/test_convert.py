@@ -103,6 +103,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # an end-to-end run of the program
 def test_cli_import_export(tmp_path, dit_ref, official_state):
   out = tmp_path / "ckpt"
   result = run_cli("--torch", str(fixture_path("dit_reference", "tiny_dit.pt")), *TINY_ARGS,

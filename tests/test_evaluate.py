@@ -32,6 +32,7 @@ def inception_setup(tmp_path_factory):
   return tmp, weights, images
 
 
+@pytest.mark.slow  # an end-to-end run of the program
 def test_inception_metrics(inception_setup, capsys):
   from dit_jax import evaluate
   tmp, weights, images = inception_setup
@@ -72,6 +73,7 @@ def test_folder_reference_is_center_cropped(tmp_path):
   np.testing.assert_array_equal(out[1], big[:16, :16])
 
 
+@pytest.mark.slow  # an end-to-end run of the program
 def test_digits_domain_evaluation(tmp_path):
   grader = DigitsGrader()
   real, labels = grader.real_images()

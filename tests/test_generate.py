@@ -95,6 +95,7 @@ def test_latents_without_vae_are_refused():
   assert gray.shape == (1, 4, 4, 3) and np.all(gray == 128)
 
 
+@pytest.mark.slow  # an end-to-end run of the program
 def test_sample_py_on_a_training_workdir(tmp_path):
   """sample.py on a workdir; with the run's sampler settings it redraws the run's last grid."""
   trained = run_train(tmp_path / "run", sample__every_steps=3, sample__classes="(0,1,2)",
@@ -121,6 +122,7 @@ def test_sample_py_on_a_training_workdir(tmp_path):
   assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
+@pytest.mark.slow  # an end-to-end run of the program
 def test_sample_py_decodes_latents_with_the_vae(tmp_path):
   from conftest import fixture_path
   ckpt = tmp_path / "ckpt"

@@ -15,6 +15,9 @@ from conftest import fixture_path
 from train_utils import (ROOT, checkpoint_steps, env_with_devices, flat, read_metrics,
                          restore_state, run_train, train_command)
 
+# Every test here runs train.py end to end in subprocesses.
+pytestmark = pytest.mark.slow
+
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
   assert result.returncode == 0, result.stderr[-3000:]
