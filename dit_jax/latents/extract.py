@@ -35,6 +35,8 @@ flags.mark_flags_as_required(["config", "vae", "out"])
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
+  from dit_jax import logs
+  logs.setup(tensorflow=FLAGS.config.data.name not in ("digits", "folder"))  # quiet libraries
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   from dit_jax.latents.extraction import check_not_complete, extract_from_config
