@@ -332,8 +332,8 @@ def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path):
   assert str(tmp_path / "imagenet2012") in message
   assert str(tmp_path / "downloads" / "manual") in message
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
-  assert f"tfds build imagenet2012 --data_dir={tmp_path} --file_format=array_record" in message
-  with pytest.raises(DatasetNotFoundError, match="tfds build mnist"):
+  assert f"python -m dit_jax.data.prepare imagenet2012 --data_dir {tmp_path}" in message
+  with pytest.raises(DatasetNotFoundError, match="python -m dit_jax.data.prepare mnist"):
     TfdsSource("mnist", data_dir=str(tmp_path))
   assert time.monotonic() - start < 15  # no download attempt (offline retries take minutes).
   assert not (tmp_path / "downloads").exists()

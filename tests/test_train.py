@@ -208,7 +208,7 @@ def test_missing_dataset_says_where_and_how(tmp_path):
                      data__data_dir=str(tmp_path / "tfds"))
   assert result.returncode != 0
   message = result.stderr[result.stderr.rindex("error: "):]  # where the data goes, how to build it
-  assert str(tmp_path / "tfds") in message and "tfds build imagenet2012" in message
+  assert str(tmp_path / "tfds") in message and "dit_jax.data.prepare imagenet2012" in message
   assert "downloads/manual" in message
   assert not checkpoint_steps(tmp_path / "run")
 

@@ -13,29 +13,29 @@ class DatasetNotFoundError(FileNotFoundError):
   """A tfds dataset is not prepared (in a random-access format) where the config points."""
 
 
-def _default_data_dir() -> str:
+# The command that prepares a dataset (dit_jax/data/prepare.py; any tfds name, no apache_beam).
+PREPARE_COMMAND = "python -m dit_jax.data.prepare {name} --data_dir {data_dir}"
+
+
+def default_data_dir() -> str:
+  """tfds's default data_dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
   return os.environ.get("TFDS_DATA_DIR") or os.path.join(
       os.path.expanduser("~"), "tensorflow_datasets")
 
 
 def _preparation_help(name: str, data_dir: str, manual_instructions: str | None) -> str:
-  build = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
-  python = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
-            f"data_dir='{data_dir}', file_format='array_record').download_and_prepare()\"")
   lines = []
   if manual_instructions:
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     lines.append(f"{name} needs a manual download: put its files in {manual_dir} "
-                 f"(or pass --manual_dir=DIR to tfds build). tfds says:")
+                 f"(or pass --manual_dir DIR to the command below). tfds says:")
     lines.extend("    " + line.strip() for line in manual_instructions.strip().splitlines())
     lines.append("Then prepare it with:")
   else:
-    lines.append("Prepare it (this downloads it) with:")
-  lines.append(f"    {build}")
-  lines.append("or, where the tfds command line fails to import (it needs apache_beam):")
-  lines.append(f"    {python}")
-  lines.append("The pipeline reads examples by index, so the files must be array_record (the "
-               "tfds default, tfrecord, cannot be read by index).")
+    lines.append("Prepare it (tfds downloads it) with:")
+  lines.append("    " + PREPARE_COMMAND.format(name=name, data_dir=data_dir))
+  lines.append("It writes array_record files: the pipeline reads examples by index, which the "
+               "tfds default, tfrecord, cannot do.")
   return "\n".join(lines)
 
 
@@ -60,7 +60,7 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if channels not in (None, 1, 3):
       raise ValueError(f"config.data.channels must be None, 1 or 3, got {channels!r}")
-    data_dir = os.fspath(data_dir) if data_dir else _default_data_dir()
+    data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
     self.name, self.split, self.data_dir, self.channels = name, split, data_dir, channels
     try:
       builder = tfds.builder(name, data_dir=data_dir)

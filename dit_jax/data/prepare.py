@@ -1,0 +1,249 @@
+"""Prepares a tfds dataset as array_record files, the format the input pipeline reads by index.
+
+  python -m dit_jax.data.prepare imagenet2012 --data_dir DATA_DIR
+
+ImageNet (the paper's data): put `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` (from
+https://image-net.org/download-images) in `DATA_DIR/downloads/manual` (or pass `--manual_dir`);
+this writes `DATA_DIR/imagenet2012/5.1.0/` with tfds's own `imagenet2012` builder (its labels,
+its validation label file, its CMYK/PNG fixes), without apache_beam, which `tfds build` needs and
+requirements.txt leaves out. Any other tfds name works too (those without a manual download are
+downloaded by tfds).
+
+Safe to rerun: a prepared dataset is reported and left alone; tfds builds into an
+`incomplete.*` folder renamed at the end, so an interrupted run leaves nothing that could be
+read, and the next run removes that folder and starts the build again (tfds cannot resume one).
+The tars are checked before anything is written or TensorFlow is imported.
+"""
+import contextlib
+import difflib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+from dit_jax import cli
+from dit_jax.data.tfds_source import default_data_dir
+
+# The files tfds's imagenet2012 builder reads from its manual_dir, and what their members look
+# like (the train tar holds one tar per class, named by its WordNet id).
+IMAGENET = "imagenet2012"
+IMAGENET_TARS = (("ILSVRC2012_img_train.tar", re.compile(r"n\d{8}\.tar"), "n01440764.tar"),
+                 ("ILSVRC2012_img_val.tar", re.compile(r"ILSVRC2012_val_\d{8}\.JPEG"),
+                  "ILSVRC2012_val_00000001.JPEG"))
+IMAGENET_TEST_TAR = "ILSVRC2012_img_test.tar"  # optional (unlabelled): the builder skips it.
+IMAGENET_URL = "https://image-net.org/download-images"
+FILE_FORMAT = "array_record"
+LOCK_NAME = ".prepare.lock"
+
+
+def manual_dir_of(data_dir: str) -> str:
+  """tfds's default manual_dir: `DATA_DIR/downloads/manual`."""
+  return os.path.join(data_dir, "downloads", "manual")
+
+
+def is_imagenet(name: str) -> bool:
+  """Whether tfds name `name` ("imagenet2012", "imagenet2012:5.1.0") is ImageNet-1k."""
+  return name.split(":")[0].split("/")[0] == IMAGENET
+
+
+def check_imagenet_tars(manual_dir: str) -> None:
+  """Raises a `UserError` unless both ImageNet tars are in `manual_dir` and look right.
+
+  Reads only the first member header of each tar (cheap even for the 138 GB train tar).
+  """
+  names = [name for name, _, _ in IMAGENET_TARS]
+  missing = [name for name in names if not os.path.isfile(os.path.join(manual_dir, name))]
+  if missing:
+    what = ("no such folder" if not os.path.isdir(manual_dir) else
+            "both are missing" if len(missing) == 2 else f"{missing[0]} is missing")
+    raise cli.UserError(
+        f"{IMAGENET} needs {' and '.join(names)} in {manual_dir} ({what}): download them from "
+        f"{IMAGENET_URL} (registration needed) and put them there, or pass --manual_dir DIR")
+  for name, member_pattern, example in IMAGENET_TARS:
+    path = os.path.join(manual_dir, name)
+    try:
+      with tarfile.open(path, "r:") as tar:
+        first = tar.next()
+    except (tarfile.TarError, OSError) as e:
+      raise cli.UserError(f"{path} is not a readable tar file (an incomplete download?): "
+                          f"{e}") from e
+    if first is None or not member_pattern.fullmatch(os.path.basename(first.name)):
+      found = "nothing" if first is None else repr(first.name)
+      raise cli.UserError(f"{path} is not ImageNet's {name}: its first member is {found}, "
+                          f"expected names like {example}")
+
+
+def check_free_space(data_dir: str, manual_dir: str) -> None:
+  """A `UserError` unless `data_dir`'s disk has room for ImageNet's records: about the tars'
+  size, as they hold the tars' JPEG bytes unchanged (tfds cannot check: it does not know
+  imagenet2012's size; the temporary shuffle buckets are deleted as the shards are written)."""
+  needed = sum(os.path.getsize(os.path.join(manual_dir, name)) for name, _, _ in IMAGENET_TARS)
+  existing = data_dir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  if free < needed:
+    raise cli.UserError(f"{IMAGENET} needs about {needed / 1e9:.1f} GB free in {data_dir} (its "
+                        f"records hold the tars' JPEG bytes), which has {free / 1e9:.1f} GB")
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str) -> Iterator[None]:
+  """Holds `directory/.prepare.lock`: a second preparation of the same dataset is refused."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, LOCK_NAME), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise cli.UserError(f"another preparation is running in {directory} (it holds "
+                          f"{LOCK_NAME}); wait for it to finish") from e
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_incomplete(dataset_dir: str, version: str) -> list[str]:
+  """Deletes the `incomplete.XXXXXX_<version>` folders interrupted runs left (call it locked)."""
+  if not os.path.isdir(dataset_dir):
+    return []
+  stale = sorted(os.path.join(dataset_dir, name) for name in os.listdir(dataset_dir)
+                 if re.fullmatch(rf"incomplete\.\w+_{re.escape(version)}", name))
+  for path in stale:
+    shutil.rmtree(path)
+  return stale
+
+
+class _DropAbsentImagenetTestSplit(logging.Filter):
+  """The builder warns when the optional test tar is absent; the summary says it instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (str(record.msg).startswith("ImageNet 2012 Challenge %s split not found")
+                and record.args and str(record.args[0]) == "test")
+
+
+def check_name(name: str) -> None:
+  """A `UserError` naming the closest tfds dataset unless tfds has `name` (no TF import).
+
+  Checked against tfds's own list: for an unknown name, tfds.builder looks on GCS.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  base = name.split(":")[0].split("/")[0]
+  known = tfds.list_builders(with_community_datasets=False)
+  if base not in known:
+    close = difflib.get_close_matches(base, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise cli.UserError(f"no tfds dataset named {base!r}{hint}")
+
+
+def _splits(builder: Any) -> str:
+  return ", ".join(f"{split} {info.num_examples:,}" for split, info in
+                   sorted(builder.info.splits.items()))
+
+
+def _size(path: str) -> str:
+  total = sum(os.path.getsize(os.path.join(root, f))
+              for root, _, files in os.walk(path) for f in files)
+  return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.2f} MB"
+
+
+def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
+  """Builds tfds dataset `name` in `data_dir` as array_record files; returns the builder.
+
+  Prints what it does to stderr; tfds shows progress bars per split. Raises `UserError` for a
+  mistake in the input (missing or wrong tars, an unknown name, a tfrecord copy in the way).
+  """
+  manual_dir = manual_dir or manual_dir_of(data_dir)
+  check_name(name)
+  imagenet = is_imagenet(name)
+  if imagenet:
+    check_imagenet_tars(manual_dir)  # before TensorFlow is imported or anything written
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  with cli.user_errors(ValueError, AssertionError):  # a config or version it does not have
+    builder = tfds.builder(name, data_dir=data_dir)
+  # (tfds's is_prepared() warns about a folder that does not exist yet: look first.)
+  info_file = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
+  if os.path.isfile(info_file) and builder.is_prepared():
+    stored = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if stored not in (FILE_FORMAT, "parquet"):
+      raise cli.UserError(
+          f"{builder.data_dir} holds {name} as {stored} files, which cannot be read by index: "
+          f"move or delete that folder (or pass another --data_dir) and rerun")
+    print(f"{name} {builder.version} is already prepared in {builder.data_dir} ({stored}): "
+          f"{_splits(builder)}; nothing to do", file=sys.stderr)
+    return builder
+  manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if manual and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+    raise cli.UserError(f"{name} needs a manual download in {manual_dir}, which is missing or "
+                        f"empty. tfds says: {manual}")
+  if imagenet:
+    check_free_space(data_dir, manual_dir)
+  dataset_dir = os.path.dirname(os.fspath(builder.data_dir))
+  with exclusive_lock(dataset_dir):
+    for path in remove_incomplete(dataset_dir, str(builder.version)):
+      print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+    source = f"from {manual_dir}" if manual else "(tfds downloads it)"
+    print(f"preparing {name} {builder.version} in {builder.data_dir} {source}", file=sys.stderr)
+    if imagenet and not os.path.exists(os.path.join(manual_dir, IMAGENET_TEST_TAR)):
+      print(f"no {IMAGENET_TEST_TAR} there: no test split (it is unlabelled; DiT does not use "
+            f"it)", file=sys.stderr)
+    if manual:  # tfds prints "Downloading and preparing dataset Unknown size ...": ours say it
+      # pylint: disable-next=protected-access
+      builder._log_download_bytes = builder._log_download_done = lambda: None
+    start = time.monotonic()
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    absl_logger = logging.getLogger("absl")
+    drop = _DropAbsentImagenetTestSplit()
+    absl_logger.addFilter(drop)
+    try:
+      # A file that stops being a tar halfway, a full disk: the user's to fix.
+      with cli.user_errors(OSError, tarfile.TarError):
+        builder.download_and_prepare(download_config=config, file_format=FILE_FORMAT)
+    finally:
+      absl_logger.removeFilter(drop)
+  minutes = (time.monotonic() - start) / 60
+  print(f"{name} {builder.version} ready in {builder.data_dir} ({FILE_FORMAT}, "
+        f"{_size(os.fspath(builder.data_dir))}): {_splits(builder)}; {minutes:.1f} min",
+        file=sys.stderr)
+  return builder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  cli.run(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("name", help="tfds dataset name, e.g. imagenet2012")
+  parser.add_argument("--data_dir", default=None,
+                      help="tfds data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); "
+                           "train with --config.data.data_dir=DATA_DIR")
+  parser.add_argument("--manual_dir", default=None,
+                      help="where the manual download is (default: DATA_DIR/downloads/manual)")
+  parser.add_argument("--verbose", action="store_true", help="keep the libraries' INFO logs")
+  args = parser.parse_args(argv)
+  from dit_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.setup(verbose=args.verbose)
+  data_dir = os.path.abspath(os.path.expanduser(args.data_dir or default_data_dir()))
+  manual_dir = os.path.abspath(os.path.expanduser(args.manual_dir)) if args.manual_dir else None
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise cli.UserError(f"--manual_dir: no directory {manual_dir}")
+  check_name(args.name)  # these two are fast: before TensorFlow loads
+  if is_imagenet(args.name):
+    check_imagenet_tars(manual_dir or manual_dir_of(data_dir))
+  logs.setup(verbose=args.verbose, tensorflow=True)  # tfds needs it: load it without INFO lines
+  try:
+    prepare(args.name, data_dir, manual_dir)
+  except KeyboardInterrupt:
+    raise cli.UserError("interrupted: the partial build was removed; rerun the same command "
+                        "to start it again") from None
+
+
+if __name__ == "__main__":
+  main()
