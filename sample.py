@@ -14,7 +14,8 @@ flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.conver
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("use_ema", True, "Training checkpoints: EMA weights (else the raw ones).")
 flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim", "dpm-solver++"], "Sampler.")
-flags.DEFINE_integer("num_steps", 250, "Sampling steps (model evaluations).")
+flags.DEFINE_integer("num_steps", 250, "Sampling steps (model evaluations): the checkpoint's "
+                     "diffusion process, respaced.")
 flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale (1: none; 4 for pictures, 1.5 for FID).")
 flags.DEFINE_enum("guidance", "official", ["official", "all"],
                   "official: guide the first 3 channels (upstream quirk); all: every channel.")
@@ -48,7 +49,8 @@ def main(argv):
   from dit_jax import checkpoints, generate, images
 
   with cli.user_errors(FileNotFoundError, ValueError):  # not a checkpoint, or no such step
-    arch = checkpoints.load_config(FLAGS.checkpoint, FLAGS.step)[0].get("model", {})
+    saved, step = checkpoints.load_config(FLAGS.checkpoint, FLAGS.step)
+    arch = saved.get("model", {})
     if arch.get("in_channels") not in (1, 3) and not FLAGS.vae:
       raise cli.UserError("--vae: this latent-space model needs the VAE to make images (a "
                           "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
@@ -56,11 +58,17 @@ def main(argv):
     if not all(c.isdigit() and int(c) < arch.get("num_classes", 0) for c in classes):
       raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
                           f"[0, {arch.get('num_classes')})")
-    model, params = checkpoints.load_params(FLAGS.checkpoint, FLAGS.step, use_ema=FLAGS.use_ema)
+    # The process the model was trained with; --sampler and --num_steps respace it.
+    model, process, params = checkpoints.load_for_sampling(FLAGS.checkpoint, step,
+                                                           use_ema=FLAGS.use_ema)
+    if not 1 <= FLAGS.num_steps <= process.diffusion_steps:
+      raise cli.UserError(f"--num_steps: {FLAGS.num_steps} is not in [1, "
+                          f"{process.diffusion_steps}], the steps of the model's process")
   pixel_space = model.in_channels in (1, 3)
   decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
-      sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale,
+      process=process, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+      cfg_scale=FLAGS.cfg_scale,
       guidance_channels=3 if FLAGS.guidance == "official" and model.in_channels >= 3 else None,
       eta=FLAGS.eta, seed=FLAGS.seed,
       clip_denoised=pixel_space if FLAGS.clip_denoised is None else FLAGS.clip_denoised)

@@ -1,11 +1,18 @@
-"""Orbax checkpoints of model parameters together with the model's architecture config.
+"""The checkpoint format, defined here and nowhere else: item names, saved config, process, step.
 
-Layout: an orbax `CheckpointManager` directory whose steps hold two items, `params` (the Flax
-parameter tree, unscanned layout) and `config` (JSON: `{"model": DiT.arch_config(), ...}`), so
-that a later tool rebuilds the model from the checkpoint alone. `python -m dit_jax.convert`
-writes one at step 0. A training checkpoint (`dit_jax.train.checkpointing`) holds `state` (the
-TrainState, whose `params` / `ema_params` load here) instead of `params`.
+Layout: an orbax `CheckpointManager` directory whose step directories hold
+  - `config` (JSON): `model` = `DiT.arch_config()`, so that a later tool rebuilds the model from
+    the checkpoint alone; `process` = the `DiffusionProcess` the weights were trained for, which
+    sampling must use; a training checkpoint adds `run` (the whole run config), an imported one
+    where its weights came from;
+  - `params`: a parameter tree in the unscanned layout (`save_params`: `python -m
+    dit_jax.convert` writes one at step 0), or `state`: a TrainState (a training checkpoint,
+    written through `write_state` by `dit_jax.train.checkpointing`), whose `params` or
+    `ema_params` load alone, without the optimizer state.
+Checkpoints written before the process was recorded: a training checkpoint's process is read
+from its `run.diffusion`, an imported one's is the official process.
 """
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -13,12 +20,50 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess
 from dit_jax.models import DiT, model_from_config, stack_block_params, unstack_block_params
 
-# Item names of a step directory, defined once (dit_jax.train.checkpointing writes STATE_ITEM).
+# Item names of a step directory.
 PARAMS_ITEM = "params"  # a parameter tree (convert output)
 STATE_ITEM = "state"  # a TrainState (training checkpoint)
-CONFIG_ITEM = "config"  # JSON: {"model": DiT.arch_config(), ...}
+CONFIG_ITEM = "config"  # JSON: saved_config()
+
+
+def saved_config(model: DiT, process: DiffusionProcess, **extra: Any) -> dict[str, Any]:
+  """The `config` item: the architecture, the process, and `extra` (`run`, `source`, ...)."""
+  return {"model": model.arch_config(), "process": process.to_dict(), **extra}
+
+
+def process_of(config: dict[str, Any]) -> DiffusionProcess:
+  """The diffusion process a checkpoint's `config` item records (older layouts included)."""
+  if "process" in config:
+    return DiffusionProcess.from_config(config["process"])
+  if "diffusion" in config.get("run", {}):  # a training checkpoint from before `process`
+    return DiffusionProcess.from_config(config["run"]["diffusion"])
+  # An imported official checkpoint from before `process`: the official process.
+  learn_sigma = config.get("model", {}).get("learn_sigma", OFFICIAL_PROCESS.learn_sigma)
+  return dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=bool(learn_sigma))
+
+
+def write_state(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
+                force: bool = False) -> bool:
+  """Starts saving a training checkpoint (state and config); False if the manager skipped it."""
+  return manager.save(step, force=force, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config)}))
+
+
+def read_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """A training checkpoint's state, onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+  restored = manager.restore(
+      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+  return restored[STATE_ITEM]
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """A step's `config` item."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{CONFIG_ITEM: ocp.args.JsonRestore()}))
+  return dict(restored[CONFIG_ITEM])
 
 
 def _unscanned(params: dict[str, Any]) -> dict[str, Any]:
@@ -26,16 +71,21 @@ def _unscanned(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 0,
+                process: Optional[DiffusionProcess] = None,
                 extra_config: Optional[dict[str, Any]] = None) -> str:
-  """Writes `params` (either block layout) and the model config; refuses to overwrite.
+  """Writes `params` (either block layout), the model config and the process; refuses to
+  overwrite.
 
+  process: what the weights were trained for; None: the official process (imported weights).
   Returns the absolute checkpoint directory.
   """
+  if process is None:
+    process = dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=model.learn_sigma)
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and os.listdir(directory):
     raise FileExistsError(f"--out: {directory} already exists and is not empty; refusing to "
                           "overwrite it")
-  config = {"model": model.arch_config(), **(extra_config or {})}
+  config = saved_config(model, process, **(extra_config or {}))
   params = jax.tree.map(np.asarray, _unscanned(params))
   with ocp.CheckpointManager(directory) as manager:
     manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params),
@@ -85,9 +135,7 @@ def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, A
   directory = _manager_dir(directory)
   with _reader(directory) as manager:
     step = _pick_step(manager, directory, step)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG_ITEM: ocp.args.JsonRestore()}))
-  return dict(restored[CONFIG_ITEM]), step
+    return read_config(manager, step), step
 
 
 def _restore_numpy(manager: ocp.CheckpointManager, step: int, item: str,
@@ -102,18 +150,21 @@ def _restore_numpy(manager: ocp.CheckpointManager, step: int, item: str,
   return restored if subtree is None else restored[subtree]
 
 
-def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True,
-                **runtime: Any) -> tuple[DiT, dict[str, Any]]:
-  """Rebuilds the model from a checkpoint and restores its parameters.
+def load_for_sampling(directory: str, step: Optional[int] = None, use_ema: bool = True,
+                      **runtime: Any) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
+  """Rebuilds the model and its diffusion process from a checkpoint and restores its weights.
 
   Args:
     directory: a directory written by `save_params` / `python -m dit_jax.convert`, or a
       training workdir (its latest checkpoint; EMA weights unless use_ema=False).
     step: which step (default: the latest).
+    use_ema: training checkpoints: the EMA weights, else the raw ones. Only those are read,
+      never the optimizer state.
     **runtime: runtime model settings (dtype, scan_blocks, ...); the params are returned in
       the layout that `scan_blocks` asks for.
   Returns:
-    (model, params) with params as host numpy arrays.
+    (model, process, params): the process the weights were trained for (sample with it,
+    respaced as the sampler likes), params as host numpy arrays.
   """
   config, step = load_config(directory, step)
   if "model" not in config:
@@ -128,4 +179,11 @@ def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True
   params = _unscanned(params)
   if model.scan_blocks:
     params = stack_block_params(params, model.depth)
+  return model, process_of(config), params
+
+
+def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True,
+                **runtime: Any) -> tuple[DiT, dict[str, Any]]:
+  """`load_for_sampling` without the process: the model and its weights (to fine-tune, export)."""
+  model, _, params = load_for_sampling(directory, step, use_ema, **runtime)
   return model, params

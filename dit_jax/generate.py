@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import images as image_io
+from dit_jax.diffusion import DiffusionProcess
 from dit_jax.models import DiT
 from dit_jax.sampling import make_sample_fn
 
@@ -21,7 +22,8 @@ GRID_MIN_SIDE = 64  # small images are magnified (nearest neighbour) to at least
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSpec:
-  """How to sample: the sampler, its steps and guidance. Defaults: the paper's FID setting."""
+  """How to sample: the process, the sampler, its steps and guidance. Defaults: the paper's FID
+  setting."""
   sampler: str = "ddpm"  # "ddpm" | "ddim" | "dpm-solver++"
   num_steps: int = 250
   cfg_scale: float = 1.5  # 4.0 for pictures, 1.5 for FID, 1.0 unguided
@@ -29,8 +31,8 @@ class SamplingSpec:
   eta: float = 0.0  # DDIM noise
   clip_denoised: bool = False  # True for pixel-space models
   seed: int = 0
-  noise_schedule: str = "linear"  # the training diffusion's (config.diffusion)
-  diffusion_steps: int = 1000
+  # The model's diffusion (its checkpoint records it); None: the official one.
+  process: Optional[DiffusionProcess] = None
 
 
 def spec_from_config(config: Any) -> SamplingSpec:
@@ -39,8 +41,7 @@ def spec_from_config(config: Any) -> SamplingSpec:
   return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, seed=config.seed,
-                      noise_schedule=config.diffusion.noise_schedule,
-                      diffusion_steps=config.diffusion.diffusion_steps)
+                      process=DiffusionProcess.from_config(config.diffusion))
 
 
 def sample_key(seed: int) -> jax.Array:
@@ -60,7 +61,7 @@ def _compiled(model: DiT, spec: SamplingSpec, batch: int, mesh: Mesh) -> Callabl
   return make_sample_fn(
       model, sampler=spec.sampler, num_steps=spec.num_steps, cfg_scale=spec.cfg_scale,
       guidance_channels=spec.guidance_channels, eta=spec.eta, clip_denoised=spec.clip_denoised,
-      noise_schedule=spec.noise_schedule, diffusion_steps=spec.diffusion_steps,
+      process=spec.process,
       # The batch over every mesh axis; the result replicated, so every process can read it.
       batch_sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names)),
       out_sharding=NamedSharding(mesh, PartitionSpec()))

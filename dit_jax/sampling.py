@@ -1,10 +1,11 @@
 """Class-conditional sample generation with classifier-free guidance, compiled once."""
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from dit_jax.diffusion import GaussianDiffusion, create_diffusion
+from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess, GaussianDiffusion
 from dit_jax.diffusion.dpm_solver import dpm_solver_pp_sample_loop
 from dit_jax.models import DiT
 
@@ -14,22 +15,28 @@ SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
                    cfg_scale: float = 4.0, guidance_channels: Optional[int] = 3,
                    eta: float = 0.0, clip_denoised: bool = False,
-                   diffusion_steps: int = 1000, noise_schedule: str = "linear",
-                   out_sharding: Any = None, batch_sharding: Any = None
+                   process: Optional[DiffusionProcess] = None, out_sharding: Any = None,
+                   batch_sharding: Any = None
                    ) -> Callable[..., jax.Array]:
   """Returns jitted `sample(params, labels, rng) -> [N, H, W, C]` (the whole loop compiled once).
 
   labels: [N] class ids. With cfg_scale != 1 the batch is doubled with null labels as the
-  official sample.py does, and the conditional half is returned. `clip_denoised` clips the x0
+  official sample.py does, and the conditional half is returned. `process` is the diffusion the
+  model was trained with (its checkpoint's; None: the official one, with the model's
+  learn_sigma), respaced here to `num_steps`. `clip_denoised` clips the x0
   prediction to [-1, 1]: right for pixel-space models, wrong for latents. `batch_sharding`
   spreads the batch over devices (a NamedSharding of the batch axis); `out_sharding` is where
   the result goes (replicated: every process can read it).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+  if process is None:
+    process = dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=model.learn_sigma)
+  if process.learn_sigma != model.learn_sigma:
+    raise ValueError(f"process: learn_sigma={process.learn_sigma}, but the model has "
+                     f"learn_sigma={model.learn_sigma}")
   spacing = {"ddim": f"ddim{num_steps}", "ddpm": str(num_steps), "dpm-solver++": ""}[sampler]
-  diffusion = create_diffusion(spacing, noise_schedule=noise_schedule,
-                               learn_sigma=model.learn_sigma, diffusion_steps=diffusion_steps)
+  diffusion = process.diffusion(spacing)
   guided = cfg_scale != 1.0
 
   def sample(params, labels, rng):

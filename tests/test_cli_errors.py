@@ -116,6 +116,9 @@ def test_sample_checkpoint_errors(tmp_path, checkpoint):
   classes = run(["sample.py", f"--checkpoint={checkpoint}", "--classes=3,10", f"--out={out}"])
   assert error_line(classes, alone=False) == ("error: --classes: 3,10: class ids must lie in "
                                               "[0, 10)")
+  steps = run(["sample.py", f"--checkpoint={checkpoint}", "--num_steps=1001", f"--out={out}"])
+  assert error_line(steps, alone=False) == ("error: --num_steps: 1001 is not in [1, 1000], the "
+                                            "steps of the model's process")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
   assert not any((tmp_path / "empty").iterdir())
 

@@ -9,6 +9,7 @@ import torch
 
 from conftest import ROOT, assert_rel_close, fixture_path, nchw_to_nhwc
 from dit_jax import checkpoints
+from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.convert import (load_torch_checkpoint, read_torch_file, save_torch_checkpoint,
                              to_torch_state_dict)
 from dit_jax.models import DiT
@@ -113,6 +114,8 @@ def test_cli_import_export(tmp_path, dit_ref, official_state):
   assert step == 0 and config["model"]["hidden_size"] == 64 and config["image_size"] == 64
   model, params = checkpoints.load_params(str(out))
   assert model == tiny_model()
+  # It records the official process: sample.py samples it with linear betas, 1000 steps, eps.
+  assert checkpoints.load_for_sampling(str(out))[1] == OFFICIAL_PROCESS
   fwd = model.apply({"params": params}, nchw_to_nhwc(dit_ref["fwd_x"]), dit_ref["fwd_t"],
                     dit_ref["fwd_y"])
   assert_rel_close(fwd, nchw_to_nhwc(dit_ref["fwd_out"]), name="fwd_out from checkpoint")

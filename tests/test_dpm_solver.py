@@ -44,6 +44,17 @@ def test_exact_model_recovers_x0():
   np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
+def test_x0_predicting_model_recovers_x0():
+  """A `predict_xstart` process: the model's output is x0 itself, not noise."""
+  diffusion = create_diffusion("", predict_xstart=True, noise_schedule="squaredcos_cap_v2",
+                               diffusion_steps=500)
+  x0 = jnp.linspace(-0.5, 0.5, 2 * 4 * 4 * 1).reshape(2, 4, 4, 1)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  out = dpm_solver_pp_sample_loop(diffusion, lambda x, t: jnp.broadcast_to(x0, x.shape), noise,
+                                  num_steps=10)
+  np.testing.assert_allclose(out, x0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def guided_setup():
   model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,

@@ -1,4 +1,5 @@
 """Sampling: determinism, guidance, resumable chunked generation, the .npz layout, sample.py."""
+import dataclasses
 import subprocess
 import sys
 
@@ -120,6 +121,49 @@ def test_sample_py_on_a_training_workdir(tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=env_with_devices(1))
   assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+@pytest.mark.slow  # an end-to-end run of the program
+def test_sample_py_samples_with_the_process_the_model_was_trained_with(tmp_path):
+  """Every non-default process setting at once: training's grid, sample.py's grid and a grid
+  sampled with the process built by hand agree; reverting any one setting changes the grid."""
+  from dit_jax.diffusion import DiffusionProcess
+  from train_utils import restore_state
+  process = DiffusionProcess(noise_schedule="squaredcos_cap_v2", diffusion_steps=500,
+                             learn_sigma=False, sigma_small=True, predict_xstart=True)
+  settings = {f"diffusion__{k}": v for k, v in process.to_dict().items()}
+  # No warmup, a large step and EMA = the raw weights: 3 steps give outputs that depend on the
+  # process (a fresh DiT's zero output layer draws gray under any x0-predicting process).
+  trained = run_train(tmp_path / "run", model__learn_sigma=False, optimizer__warmup_steps=0,
+                      optimizer__learning_rate=0.01, ema_decay=0.0, sample__every_steps=3,
+                      sample__classes="(0,1)", sample__per_class=2, sample__sampler="ddpm",
+                      sample__num_steps=4, sample__cfg_scale=2.0, **settings)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  grid = tmp_path / "grid.png"
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}",
+       "--sampler=ddpm", "--num_steps=4", "--cfg_scale=2", "--classes=0,1", "--per_class=2",
+       f"--out={grid}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=env_with_devices(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  from_sample_py = np.asarray(Image.open(grid))
+  from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
+  np.testing.assert_array_equal(from_sample_py, from_training)
+
+  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2, learn_sigma=False)
+  params = restore_state(tmp_path / "run")["ema_params"]
+
+  def by_hand(p):
+    spec = generate.SamplingSpec(sampler="ddpm", num_steps=4, cfg_scale=2.0,
+                                 guidance_channels=None, clip_denoised=True, process=p)
+    return generate.sample_grid(model, params, spec, [0, 1], per_class=2)[1]
+
+  np.testing.assert_array_equal(from_sample_py, by_hand(process))
+  default = DiffusionProcess(learn_sigma=False)
+  for field in ("noise_schedule", "diffusion_steps", "sigma_small", "predict_xstart"):
+    other = by_hand(dataclasses.replace(process, **{field: getattr(default, field)}))
+    assert not np.array_equal(other, from_sample_py), field
 
 
 @pytest.mark.slow  # an end-to-end run of the program

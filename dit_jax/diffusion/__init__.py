@@ -8,6 +8,7 @@ from dit_jax.diffusion.gaussian_diffusion import (
     create_diffusion,
     spaced_diffusion,
 )
+from dit_jax.diffusion.process import OFFICIAL_PROCESS, DiffusionProcess
 from dit_jax.diffusion.losses import (
     approx_standard_normal_cdf,
     continuous_gaussian_log_likelihood,
@@ -23,6 +24,8 @@ from dit_jax.diffusion.schedules import (
 )
 
 __all__ = [
+    "DiffusionProcess",
+    "OFFICIAL_PROCESS",
     "GaussianDiffusion",
     "LossType",
     "ModelMeanType",

@@ -1,8 +1,8 @@
-"""DPM-Solver++ (2M, multistep) for noise-predicting models (Lu et al. 2022, arXiv 2211.01095).
+"""DPM-Solver++ (2M, multistep) (Lu et al. 2022, arXiv 2211.01095).
 
 An ODE solver in the half log-SNR lambda = log(alpha / sigma) of the discrete 1000-step
-process; it uses only the noise prediction (the learned variance is ignored: the probability
-flow ODE has none). Guidance works through `model_fn` like for the other samplers.
+process; it uses only the x0 prediction (the model's, or derived from its noise prediction; the
+learned variance is ignored: the probability flow ODE has none). Guidance works through `model_fn` like for the other samplers.
 
 With x0 predictions D_i at steps s_i > s_{i+1} and h_i = lambda_{i+1} - lambda_i, the update is
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion
+from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType
 
 
 def solver_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
@@ -62,8 +62,8 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[.
     diffusion: the unspaced training process (`create_diffusion("")`); its alphas_cumprod
       define the ODE.
     model_fn: `model_fn(x, t, **model_kwargs)` with the original timestep numbers; the first
-      `C` output channels are the noise prediction (more channels, e.g. learned variance, are
-      ignored).
+      `C` output channels are the noise prediction, or x0 for a `predict_xstart` process (more
+      channels, e.g. learned variance, are ignored).
     noise: [N, H, W, C] starting point at the noisiest step.
     clip_denoised: clip each x0 prediction to [-1, 1] (pixel-space models).
   Returns:
@@ -74,6 +74,7 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[.
   timesteps = solver_timesteps(diffusion.num_timesteps, num_steps)
   coef = solver_coefficients(diffusion.alphas_cumprod, timesteps)
   channels = noise.shape[-1]
+  predicts_x0 = diffusion.model_mean_type == ModelMeanType.START_X
   kwargs = model_kwargs or {}
   xs = {k: jnp.asarray(v, jnp.float32) for k, v in coef.items()}
   xs["t"] = jnp.asarray(timesteps, jnp.int32)
@@ -81,8 +82,8 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[.
   def step(carry, s):
     x, prev_x0 = carry
     t = jnp.full((x.shape[0],), s["t"], jnp.int32)
-    eps = model_fn(x, t, **kwargs)[..., :channels]
-    x0 = (x - s["sigma"] * eps) / s["alpha"]
+    out = model_fn(x, t, **kwargs)[..., :channels]
+    x0 = out if predicts_x0 else (x - s["sigma"] * out) / s["alpha"]
     if clip_denoised:
       x0 = jnp.clip(x0, -1.0, 1.0)
     x_next = s["a"] * x + s["b"] * (s["c"] * x0 + s["p"] * prev_x0)

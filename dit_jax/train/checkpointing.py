@@ -1,8 +1,7 @@
 """Orbax checkpoints of the train state, with the config inside, and preemption handling.
 
-Each step directory holds `state` (the TrainState) and `config` (JSON: `model` = the
-architecture, as `dit_jax.checkpoints` expects, and `run` = the whole run config), so sampling
-and evaluation tools rebuild the model from the checkpoint alone.
+The format (items, saved config, process) is `dit_jax.checkpoints`'; this module manages the
+writing: when to save, which steps to keep, background saves, preemption.
 """
 import logging
 import os
@@ -15,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dit_jax.checkpoints import CONFIG_ITEM, STATE_ITEM
+from dit_jax import checkpoints
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -37,9 +36,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def saved_config(self, step: int) -> dict[str, Any]:
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return dict(restored[CONFIG_ITEM])
+    return checkpoints.read_config(self.manager, step)
 
   def check_compatible(self, model_arch: dict[str, Any]) -> None:
     """Refuses (before anything is written) a workdir whose checkpoints are another model's."""
@@ -57,14 +54,11 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
-    return restored[STATE_ITEM]
+    return checkpoints.read_state(self.manager, step, abstract_state)
 
   def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
     """Starts saving `step` (in the background when async); False if the manager skipped it."""
-    saved = self.manager.save(step, force=force, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config)}))
+    saved = checkpoints.write_state(self.manager, step, state, config, force=force)
     if saved:
       logging.info("Checkpoint: %s", os.path.join(self.directory, str(step)))
     return saved

@@ -14,7 +14,7 @@ from dit_jax import checkpoints as params_io
 from dit_jax import cli
 from dit_jax.data import InputPipeline, make_source, to_global
 from dit_jax.latents import LatentPipeline, LatentSource
-from dit_jax.diffusion import create_diffusion
+from dit_jax.diffusion import DiffusionProcess, create_diffusion
 from dit_jax.models import DiT, build_model, model_from_config
 from dit_jax.train import sharding as shd
 from dit_jax.train import state as state_lib
@@ -62,7 +62,7 @@ def setup(config: Any, workdir: str) -> Run:
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   resuming = os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir))
   if config.init_from and not resuming:  # a resumed run no longer reads init_from
-    check_init_from(config.init_from, model)
+    check_init_from(config.init_from, model, DiffusionProcess.from_config(config.diffusion))
   inputs = make_inputs(config, model)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
   boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
@@ -111,7 +111,7 @@ def check_workdir(workdir: str) -> None:
                      f"({'read-only file system' if read_only else 'permission denied'})")
 
 
-def check_init_from(directory: str, model: DiT) -> None:
+def check_init_from(directory: str, model: DiT, process: DiffusionProcess) -> None:
   """`config.init_from` must be a checkpoint of the configured architecture (reads its JSON)."""
   try:
     saved, _ = params_io.load_config(directory)
@@ -123,6 +123,10 @@ def check_init_from(directory: str, model: DiT) -> None:
   if source != model.arch_config():
     raise ValueError(f"config.init_from: {directory} holds {source}, the config asks for "
                      f"{model.arch_config()}")
+  if params_io.process_of(saved) != process:  # allowed: fine-tuning to another process
+    logging.warning("config.init_from: %s was trained for another diffusion process (%s); "
+                    "fine-tuning for %s", directory, params_io.process_of(saved).describe(),
+                    process.describe())
 
 
 @dataclasses.dataclass
@@ -234,7 +238,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                 out_sharding=shd.replicated(run.mesh), decode=decode)
   reporter.start(state.params, run.inputs.pipeline)  # the start-up summary
   preemption = PreemptionHandler()
-  saved_config = {"model": run.model.arch_config(), "run": json.loads(config.to_json_best_effort())}
+  saved_config = params_io.saved_config(run.model, DiffusionProcess.from_config(config.diffusion),
+                                        run=json.loads(config.to_json_best_effort()))
   flops = train_flops_per_image(run.model) if peak_flops() else None
   last = {}
   pending: Optional[tuple[int, Any]] = None  # metrics of the previous step, read one step late
