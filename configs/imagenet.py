@@ -4,8 +4,8 @@ Usage: --config configs/imagenet.py:XL/2  (or "XL/2,512" for 512 px; any of S|B|
 Data: latents pre-extracted once from tfds `imagenet2012` (a manual download, prepared in
 array_record format) with Stable Diffusion's VAE:
   python -m dit_jax.data.prepare imagenet2012 --data_dir DATA_DIR   # the two ILSVRC2012 tars
-  python -m dit_jax.latents.extract --config configs/imagenet.py:XL/2 --vae SD_VAE_DIR --out LATENTS \
-      --config.data.data_dir=DATA_DIR
+  python -m dit_jax.latents.extract --config configs/imagenet.py:XL/2 \
+      --config.data.data_dir=DATA_DIR --vae SD_VAE_DIR --out LATENTS
   python train.py --config configs/imagenet.py:XL/2 --workdir WORKDIR \
       --config.latents_dir=LATENTS --config.vae.path=SD_VAE_DIR
 Without `latents_dir`, `vae.path` alone encodes images on the fly (slower).
