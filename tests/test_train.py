@@ -33,10 +33,6 @@ def assert_states_equal(a, b, atol: float = 0.0) -> None:
       np.testing.assert_allclose(fa[key], fb[key], atol=atol, rtol=0, err_msg=key)
 
 
-def last_per_step(metrics):
-  return {m["step"]: m for m in metrics if "train/loss" in m}
-
-
 def test_meshes_give_the_same_parameters_as_one_device(tmp_path):
   assert_ok(run_train(tmp_path / "one", num_devices=1))
   assert_ok(run_train(tmp_path / "data8", num_devices=8, mesh__axis_sizes="(8,1,1)"))
@@ -80,9 +76,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   assert int(resumed["step"]) == total
   assert_states_equal(resumed, straight)  # params, EMA, optimizer state, step: bit for bit
   # Same data order: the losses of the resumed steps equal the uninterrupted run's.
-  got, want = last_per_step(read_metrics(killed)), last_per_step(read_metrics(tmp_path / "straight"))
+  got, want = read_metrics(killed), read_metrics(tmp_path / "straight")
+  # Each step once: the rows logged after the checkpoint by the killed run were replaced.
+  assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, total + 1))
   for step in range(resume_from + 1, total + 1):
-    assert got[step]["train/loss"] == want[step]["train/loss"], step
+    assert got[step - 1]["train/loss"] == want[step - 1]["train/loss"], step
 
 
 def free_port() -> int:
@@ -196,6 +194,14 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
   line = result.stderr.strip().splitlines()[-1]
   assert "non-finite loss" in line and "at step" in line
   bad_step = int(line.split("at step ")[1].split(":")[0])
+  # The step as metrics.jsonl numbers it: the rows before it are finite, it has none.
+  rows = read_metrics(tmp_path)
+  assert [m["step"] for m in rows] == list(range(1, bad_step))
+  assert all(np.isfinite(m["train/loss"]) for m in rows)
+  # It names the last good checkpoint: the newest there is, from before the bad step.
+  assert line.endswith(f"the last good checkpoint is step {bad_step - 1} "
+                       f"({tmp_path / 'checkpoints' / str(bad_step - 1)})")
+  assert max(checkpoint_steps(tmp_path)) == bad_step - 1
   # Every checkpoint kept is from before the bad step, and finite.
   for step in checkpoint_steps(tmp_path):
     assert step <= bad_step

@@ -178,3 +178,51 @@ def test_model_inputs_from_moments_images_and_vae():
   np.testing.assert_allclose(encoded, vae.encode_to_latents(params, images, jax.random.key(1)),
                              rtol=1e-6)
   assert encoded.shape == (2, 8, 8, 4)
+
+
+def test_metrics_log_keeps_each_step_once_across_resumes(tmp_path):
+  import json
+  from dit_jax.train.metrics_log import MetricsLog
+
+  path = tmp_path / "metrics.jsonl"
+  first = MetricsLog(str(tmp_path), resume_step=0)
+  for step in range(1, 6):
+    first.append(step, {"train/loss": step / 10})
+  first.append(5, {"eval/digits_accuracy": 0.5})
+  with open(path, "a") as f:
+    f.write('{"step": 6, "train/lo')  # a line cut short by kill -9
+  # Resumed from the checkpoint at step 3: rows 4.. go (the run logs them again), 1..3 stay.
+  resumed = MetricsLog(str(tmp_path), resume_step=3)
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["train/loss"] == 0.3
+  for step in range(4, 6):
+    resumed.append(step, {"train/loss": step})
+  resumed.append(5, {"eval/digits_accuracy": 0.7})
+  # A finished run graded again at its last step: the grade is replaced, not repeated.
+  again = MetricsLog(str(tmp_path), resume_step=5)
+  again.append(5, {"eval/digits_accuracy": 0.9})
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], "eval/digits_accuracy" in r) for r in rows] == [
+      (1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
+  assert rows[3]["train/loss"] == 4 and rows[5]["eval/digits_accuracy"] == 0.9
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
+  MetricsLog(str(tmp_path), resume_step=0, enabled=False).append(9, {"train/loss": 1.0})
+  assert "9" not in [str(r["step"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
+  from dit_jax.train.checkpointing import Checkpointer
+  from dit_jax.train.loop import _check_finite
+
+  checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=2, keep_period=None)
+  finite = {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(3.0)}
+  assert _check_finite(7, finite, checkpointer) == {"loss": 0.5, "grad_norm": 3.0}
+  with pytest.raises(FloatingPointError, match=r"^non-finite loss inf at step 8: stopping; no "
+                                               r"checkpoint was written before it$"):
+    _check_finite(8, {**finite, "loss": jnp.float32(np.inf)}, checkpointer)
+  checkpointer.save(6, {"w": jnp.zeros(2)}, {"model": {}})
+  where = tmp_path / "checkpoints" / "6"
+  with pytest.raises(FloatingPointError, match=rf"^non-finite grad_norm nan at step 8: stopping; "
+                                               rf"the last good checkpoint is step 6 \({where}\)$"):
+    _check_finite(8, {**finite, "grad_norm": jnp.float32(np.nan)}, checkpointer)
+  checkpointer.close()

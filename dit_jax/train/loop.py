@@ -241,8 +241,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   saved_config = params_io.saved_config(run.model, DiffusionProcess.from_config(config.diffusion),
                                         run=json.loads(config.to_json_best_effort()))
   flops = train_flops_per_image(run.model) if peak_flops() else None
+  check = functools.partial(_check_finite, checkpointer=run.checkpointer)
   last = {}
-  pending: Optional[tuple[int, Any]] = None  # metrics of the previous step, read one step late
+  pending: Optional[tuple[int, Any]] = None  # (step, its metrics), read one step late
   saved = start_step
   try:
     with run.inputs.pipeline:
@@ -250,24 +251,25 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng,
                                 run.inputs.vae_params)
         if pending is not None:  # reading the previous step's loss overlaps with this step
-          last = _check_finite(*pending)
-          reporter.step(pending[0] + 1, last, flops)
-        pending, done = (step, metrics), step + 1
+          last = check(*pending)
+          reporter.step(pending[0], last, flops)
+        done = step + 1  # the step just taken, numbered as metrics.jsonl and checkpoints are
+        pending = (done, metrics)
         if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
-          last = _check_finite(*pending)  # never checkpoint a non-finite state
+          last = check(*pending)  # never checkpoint a non-finite state
           saved = done if run.checkpointer.save(done, state, saved_config) else saved
         if config.sample.every_steps and (done % config.sample.every_steps == 0
                                           or done == config.num_steps):
           reporter.sample_grid(done, state.ema_params)
         if preemption.should_stop():
           logging.warning("SIGTERM: checkpointing step %d and stopping", done)
-          _check_finite(*pending)
+          check(*pending)
           if saved != done:
             run.checkpointer.save(done, state, saved_config, force=True)
           return {"stopped_at": done, **last}
     if pending is not None:
-      last = _check_finite(*pending)
-      reporter.step(pending[0] + 1, last, flops)
+      last = check(*pending)
+      reporter.step(pending[0], last, flops)
     run.checkpointer.wait()
     results = {"step": int(state.step), **last}
     if config.eval.digits:
@@ -279,9 +281,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     reporter.close()
 
 
-def _check_finite(step: int, metrics: Any) -> dict[str, float]:
+def _check_finite(step: int, metrics: Any, checkpointer: Checkpointer) -> dict[str, float]:
+  """The host values of a step's metrics; stops the run if its loss or its gradient (hence its
+  update) is not finite, naming the step (as metrics.jsonl does) and the last good checkpoint."""
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not np.isfinite(values["loss"]):
-    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}: stopping; the "
-                             "last checkpoint before it is kept")
+  bad = [k for k in ("loss", "grad_norm") if k in values and not np.isfinite(values[k])]
+  if bad:
+    checkpointer.wait()  # a save in flight was of an earlier, finite state
+    good = checkpointer.latest_step()
+    kept = ("no checkpoint was written before it" if good is None else
+            f"the last good checkpoint is step {good} "
+            f"({os.path.join(checkpointer.directory, str(good))})")
+    raise FloatingPointError(f"non-finite {bad[0]} {values[bad[0]]} at step {step}: stopping; "
+                             f"{kept}")
   return values

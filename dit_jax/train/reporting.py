@@ -15,6 +15,7 @@ from clu import metric_writers, parameter_overview
 from dit_jax import generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
+from dit_jax.train.metrics_log import MetricsLog
 from dit_jax.train.throughput import peak_flops
 
 
@@ -63,6 +64,8 @@ class Reporter:
     self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
                    if self.is_chief else metric_writers.MultiWriter([]))
     self._last_time, self._last_step = time.time(), start_step
+    # Rows an earlier run logged after start_step (its last checkpoint) are dropped.
+    self.metrics = MetricsLog(workdir, start_step, enabled=self.is_chief)
     self._sample_rng = generate.sample_key(config.seed)
 
   def start(self, params: Any, pipeline: Any = None) -> None:
@@ -107,14 +110,8 @@ class Reporter:
       achieved = scalars["train/images_per_sec"] * flops_per_image
       scalars["train/mfu"] = achieved / (peak_flops() * jax.device_count())
     self.writer.write_scalars(step, scalars)
-    self._append_jsonl(step, scalars)
+    self.metrics.append(step, scalars)
     logging.info("%s", _step_line(step, self.config.num_steps, scalars))
-
-  def _append_jsonl(self, step: int, scalars: dict[str, Any]) -> None:
-    """metrics.jsonl: the logged scalars, one JSON line per log step (appended, never rewritten)."""
-    if self.is_chief:
-      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
   def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:
     """EMA samples [N, H, W, C] in the model's space for the given labels."""
@@ -152,7 +149,7 @@ class Reporter:
                "eval/digits_frechet_distance": float(grade["frechet_distance"]),
                "eval/num_samples": int(grade["num_samples"])}
     self.writer.write_scalars(step, results)
-    self._append_jsonl(step, results)
+    self.metrics.append(step, results)
     logging.info("Digits grade at step %d: accuracy %.4f, Frechet distance %.4f (%d samples)",
                  step, results["eval/digits_accuracy"], results["eval/digits_frechet_distance"],
                  results["eval/num_samples"])
