@@ -48,9 +48,10 @@ def main(argv):
   import jax
   from dit_jax import checkpoints, generate, images
 
-  with cli.user_errors(FileNotFoundError, ValueError):  # not a checkpoint, or no such step
-    saved, step = checkpoints.load_config(FLAGS.checkpoint, FLAGS.step)
-    arch = saved.get("model", {})
+  # Not a checkpoint, no such step, or none that reads (unreadable steps are reported, skipped).
+  with cli.user_errors(FileNotFoundError, ValueError), \
+       checkpoints.Reader(FLAGS.checkpoint) as reader:
+    arch = reader.config(FLAGS.step)[0].get("model", {})
     if arch.get("in_channels") not in (1, 3) and not FLAGS.vae:
       raise cli.UserError("--vae: this latent-space model needs the VAE to make images (a "
                           "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
@@ -59,8 +60,7 @@ def main(argv):
       raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
                           f"[0, {arch.get('num_classes')})")
     # The process the model was trained with; --sampler and --num_steps respace it.
-    model, process, params = checkpoints.load_for_sampling(FLAGS.checkpoint, step,
-                                                           use_ema=FLAGS.use_ema)
+    model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
     if not 1 <= FLAGS.num_steps <= process.diffusion_steps:
       raise cli.UserError(f"--num_steps: {FLAGS.num_steps} is not in [1, "
                           f"{process.diffusion_steps}], the steps of the model's process")

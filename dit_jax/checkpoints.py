@@ -12,9 +12,12 @@ Layout: an orbax `CheckpointManager` directory whose step directories hold
 Checkpoints written before the process was recorded: a training checkpoint's process is read
 from its `run.diffusion`, an imported one's is the official process.
 """
+import contextlib
 import dataclasses
+import functools
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -45,6 +48,33 @@ def process_of(config: dict[str, Any]) -> DiffusionProcess:
   return dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=bool(learn_sigma))
 
 
+class _NoMissingMetadataWarning(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def quiet_step_scan() -> Iterator[None]:
+  """Opening a manager (or `reload`) reads every step's metadata, and orbax warns about each
+  incomplete step folder; reading such a step reports it once (`first_readable`), so drop
+  orbax's warning."""
+  absl_logger, quiet = logging.getLogger("absl"), _NoMissingMetadataWarning()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _check_complete(manager: ocp.CheckpointManager, step: int) -> None:
+  """Refuses a step folder that orbax never finished (it would log a warning of its own)."""
+  path = os.path.join(manager.directory, str(step))
+  if os.path.isdir(path) and not os.listdir(path):
+    raise ValueError("an empty folder")
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+    raise ValueError("no _CHECKPOINT_METADATA: a save that did not finish")
+
+
 def write_state(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
                 force: bool = False) -> bool:
   """Starts saving a training checkpoint (state and config); False if the manager skipped it."""
@@ -54,6 +84,7 @@ def write_state(manager: ocp.CheckpointManager, step: int, state: Any, config: d
 
 def read_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
   """A training checkpoint's state, onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+  _check_complete(manager, step)
   restored = manager.restore(
       step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
   return restored[STATE_ITEM]
@@ -61,6 +92,7 @@ def read_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """A step's `config` item."""
+  _check_complete(manager, step)
   restored = manager.restore(step, args=ocp.args.Composite(
       **{CONFIG_ITEM: ocp.args.JsonRestore()}))
   return dict(restored[CONFIG_ITEM])
@@ -114,28 +146,108 @@ def _reader(directory: str) -> ocp.CheckpointManager:
   handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
   # Not `read_only=True`: that only adds warnings about the saves this manager never makes.
   options = ocp.CheckpointManagerOptions(create=False)
-  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+  with quiet_step_scan():
+    return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
 
-def _pick_step(manager: ocp.CheckpointManager, directory: str, step: Optional[int]) -> int:
-  """`step` (default: the latest) if the directory holds it."""
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"checkpoint: {directory} holds no checkpoint steps")
-  if step is None:
-    return max(steps)
-  if step not in steps:
-    raise FileNotFoundError(f"checkpoint: {directory} has no step {step}; it holds steps "
-                            f"{sorted(steps)}")
-  return step
+class UnreadableCheckpointError(ValueError):
+  """No step of a checkpoint directory (or not the step asked for) can be read."""
+
+
+def _reason(error: BaseException) -> str:
+  """One short line saying why a step failed to read (orbax messages run to pages; the first
+  cause is the tensorstore error that names the file, e.g. OUT_OF_RANGE)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+def first_readable(steps: Sequence[int], read: Callable[[int], Any], skipped: dict[int, str],
+                   where: str) -> tuple[int, Any]:
+  """`(step, read(step))` of the newest step that reads; the others are reported and skipped.
+
+  A step that fails (an empty or incomplete step folder, a truncated or missing file) is
+  reported in one line and recorded in `skipped` (step -> reason), so that a later call with
+  the same `skipped` neither reads nor reports it again. Nothing is deleted.
+  """
+  for step in sorted(set(steps) - set(skipped), reverse=True):
+    try:
+      return step, read(step)
+    except Exception as e:  # pylint: disable=broad-except  (any failure: the step is unusable)
+      skipped[step] = _reason(e)
+      logging.warning("checkpoint: step %d of %s cannot be read (%s); skipping it", step, where,
+                      skipped[step])
+  if not skipped:
+    raise FileNotFoundError(f"checkpoint: {where} holds no checkpoint steps")
+  raise UnreadableCheckpointError(
+      f"checkpoint: no step of {where} can be read: "
+      + "; ".join(f"step {s}: {r}" for s, r in sorted(skipped.items(), reverse=True)))
+
+
+class Reader:
+  """Reads one checkpoint directory: a training workdir, its `checkpoints`, a convert output.
+
+  With no step asked for, the newest step that reads is used; each step that does not is
+  reported once (per reader) and skipped. An explicit step that does not read is an error.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = _manager_dir(directory)
+    self.manager = _reader(self.directory)
+    self.skipped: dict[int, str] = {}
+
+  def __enter__(self) -> "Reader":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.manager.close()
+
+  def _read(self, step: Optional[int], read: Callable[[int], Any]) -> tuple[int, Any]:
+    steps = self.manager.all_steps()
+    if step is None:
+      return first_readable(steps, read, self.skipped, self.directory)
+    if step not in steps:
+      raise FileNotFoundError(f"checkpoint: {self.directory} has no step {step}; it holds "
+                              f"steps {sorted(steps)}")
+    try:
+      return step, read(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(f"checkpoint: step {step} of {self.directory} cannot "
+                                      f"be read ({_reason(e)})") from e
+
+  def config(self, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
+    """(the config item, its step)."""
+    step, config = self._read(step, functools.partial(read_config, self.manager))
+    return config, step
+
+  def load_for_sampling(self, step: Optional[int] = None, use_ema: bool = True,
+                        **runtime: Any) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
+    """See the module-level `load_for_sampling`."""
+    return self._read(step, functools.partial(self._load, use_ema=use_ema, runtime=runtime))[1]
+
+  def _load(self, step: int, use_ema: bool, runtime: dict[str, Any]
+            ) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
+    config = read_config(self.manager, step)
+    if "model" not in config:
+      raise ValueError("no 'model' entry in its config")
+    model = model_from_config(config["model"], **runtime)
+    if STATE_ITEM in self.manager.item_metadata(step):  # a training checkpoint
+      params = _restore_numpy(self.manager, step, STATE_ITEM,
+                              "ema_params" if use_ema else "params")
+    else:
+      params = _restore_numpy(self.manager, step, PARAMS_ITEM)
+    params = _unscanned(params)
+    if model.scan_blocks:
+      params = stack_block_params(params, model.depth)
+    return model, process_of(config), params
 
 
 def load_config(directory: str, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
   """Reads the JSON config of a checkpoint directory; returns (config, step)."""
-  directory = _manager_dir(directory)
-  with _reader(directory) as manager:
-    step = _pick_step(manager, directory, step)
-    return read_config(manager, step), step
+  with Reader(directory) as reader:
+    return reader.config(step)
 
 
 def _restore_numpy(manager: ocp.CheckpointManager, step: int, item: str,
@@ -156,8 +268,9 @@ def load_for_sampling(directory: str, step: Optional[int] = None, use_ema: bool 
 
   Args:
     directory: a directory written by `save_params` / `python -m dit_jax.convert`, or a
-      training workdir (its latest checkpoint; EMA weights unless use_ema=False).
-    step: which step (default: the latest).
+      training workdir (EMA weights unless use_ema=False).
+    step: which step (default: the newest that reads; damaged newer ones are reported and
+      skipped, never deleted).
     use_ema: training checkpoints: the EMA weights, else the raw ones. Only those are read,
       never the optimizer state.
     **runtime: runtime model settings (dtype, scan_blocks, ...); the params are returned in
@@ -166,20 +279,8 @@ def load_for_sampling(directory: str, step: Optional[int] = None, use_ema: bool 
     (model, process, params): the process the weights were trained for (sample with it,
     respaced as the sampler likes), params as host numpy arrays.
   """
-  config, step = load_config(directory, step)
-  if "model" not in config:
-    raise ValueError(f"checkpoint: {directory} step {step} has no 'model' entry in its config")
-  model = model_from_config(config["model"], **runtime)
-  directory = _manager_dir(directory)
-  with _reader(directory) as manager:
-    if STATE_ITEM in manager.item_metadata(step):  # a training checkpoint
-      params = _restore_numpy(manager, step, STATE_ITEM, "ema_params" if use_ema else "params")
-    else:
-      params = _restore_numpy(manager, step, PARAMS_ITEM)
-  params = _unscanned(params)
-  if model.scan_blocks:
-    params = stack_block_params(params, model.depth)
-  return model, process_of(config), params
+  with Reader(directory) as reader:
+    return reader.load_for_sampling(step, use_ema, **runtime)
 
 
 def load_params(directory: str, step: Optional[int] = None, use_ema: bool = True,

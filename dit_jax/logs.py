@@ -10,6 +10,11 @@ The entry points call `setup()` first thing in `main()`. What it cuts, each at i
   "before absl::InitializeLog()" notice: abseil logs everything until initialized, see
   tensorflow/tensorflow#100442), so `setup(tensorflow=True)` imports TensorFlow itself and drops
   exactly those INFO lines of the import, passing anything else through.
+- the tracebacks of abandoned orbax reads: when a restore fails (a damaged checkpoint), the
+  reads still in flight complete on the event loop orbax has closed ("RuntimeError: Event loop
+  is closed") or fail in coroutines nobody awaits any more, each printing a traceback through
+  `sys.unraisablehook`, hundreds of lines hiding the real error. `setup` drops exactly those;
+  the restore's own error is reported, in one line, where it is caught.
 Our modules log with the standard `logging` (the root logger, which absl's handler prints), so
 their INFO lines stay. `--verbosity=1` (absl's flag; debug) leaves every library as it was.
 """
@@ -19,7 +24,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Optional
+from typing import Any, Callable, Optional
 
 LIBRARY_LOGGERS = ("absl", "jax", "tensorflow")
 # An absl C++ INFO line (`I0000 00:00:1795745603.357494 3130 port.cc:153] ...`) and the notice
@@ -44,10 +49,32 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
   if verbose:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: warnings and errors
+  sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
   if tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow"):
     _import_tensorflow_without_info()
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+  """An error of a read that a failed orbax restore left behind (see the module docstring)."""
+  value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  return code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename
+
+
+def _without_closed_loop_errors(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`hook`, minus the errors of reads that a failed restore abandoned."""
+  if getattr(hook, "drops_closed_loop_errors", False):
+    return hook  # setup called twice
+
+  def filtered(unraisable: Any) -> None:
+    if not _abandoned_read(unraisable):
+      hook(unraisable)
+
+  filtered.drops_closed_loop_errors = True
+  return filtered
 
 
 def _import_tensorflow_without_info() -> None:

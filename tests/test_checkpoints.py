@@ -1,12 +1,17 @@
 """The checkpoint format (dit_jax.checkpoints): the recorded process, what loading reads."""
 import dataclasses
+import gc
+import logging
+import shutil
+import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dit_jax import checkpoints
+from dit_jax import checkpoints, logs
 from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess
 from dit_jax.models import create_model, init_params
 from train_utils import flat
@@ -78,3 +83,67 @@ def test_sampling_restores_only_the_weights_it_needs(tmp_path, monkeypatch):
     assert read == [len(jax.tree.leaves(params))]  # the weights alone: not 4x as many
     for key, value in flat(want).items():
       np.testing.assert_array_equal(flat(got)[key], value, err_msg=key)
+
+
+def write_steps(directory, steps, model):
+  """A convert-style checkpoint (params + config) holding several steps; their params differ."""
+  params = init_params(model, jax.random.key(0))
+  with ocp.CheckpointManager(str(directory)) as manager:
+    for step in steps:
+      shifted = jax.tree.map(lambda p, s=step: np.asarray(p) + s, params)
+      manager.save(step, args=ocp.args.Composite(**{
+          checkpoints.PARAMS_ITEM: ocp.args.StandardSave(shifted),
+          checkpoints.CONFIG_ITEM: ocp.args.JsonSave(
+              checkpoints.saved_config(model, OFFICIAL_PROCESS))}))
+    manager.wait_until_finished()
+  return params
+
+
+def damage(step_dir, how):
+  item = step_dir / checkpoints.PARAMS_ITEM
+  if how == "truncated data file":
+    data = max((item / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+  elif how == "missing manifest":
+    (item / "manifest.ocdbt").unlink()
+  elif how == "missing item folder":
+    shutil.rmtree(item)
+
+
+@pytest.mark.parametrize("how", ["truncated data file", "missing manifest", "missing item folder",
+                                 "empty newer folder"])
+def test_sampling_falls_back_to_the_newest_intact_step(tmp_path, monkeypatch, caplog, how):
+  # Reads that the failed restore abandoned print nothing (what logs.setup installs).
+  monkeypatch.setattr(sys, "unraisablehook", logs._without_closed_loop_errors(sys.unraisablehook))
+  model = tiny_model()
+  params = write_steps(tmp_path, [1, 2], model)
+  bad = 3 if how == "empty newer folder" else 2
+  (tmp_path / str(bad)).mkdir(exist_ok=True)
+  damage(tmp_path / str(bad), how)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  with caplog.at_level(logging.WARNING):
+    _, _, got = checkpoints.load_for_sampling(str(tmp_path))
+  time.sleep(0.3)  # the abandoned reads end while the filter is installed
+  gc.collect()
+  np.testing.assert_array_equal(flat(got)["/final_layer/linear/bias"],
+                                flat(params)["/final_layer/linear/bias"] + (bad - 1))
+  lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(lines) == 1 and lines[0].startswith(f"checkpoint: step {bad} of {tmp_path} cannot "
+                                                 "be read (") and "\n" not in lines[0], lines
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # untouched
+  with pytest.raises(checkpoints.UnreadableCheckpointError,
+                     match=f"^checkpoint: step {bad} of {tmp_path} cannot be read \\("):
+    checkpoints.load_for_sampling(str(tmp_path), step=bad)
+  time.sleep(0.3)
+  gc.collect()
+
+
+def test_no_readable_step_is_one_error_naming_each(tmp_path):
+  model = tiny_model()
+  write_steps(tmp_path, [1], model)
+  shutil.rmtree(tmp_path / "1" / checkpoints.PARAMS_ITEM)
+  (tmp_path / "2").mkdir()
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as error:
+    checkpoints.load_for_sampling(str(tmp_path))
+  assert str(error.value).startswith(f"checkpoint: no step of {tmp_path} can be read: step 2: "
+                                     "ValueError: an empty folder; step 1: ")

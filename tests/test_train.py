@@ -209,6 +209,37 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert all(np.all(np.isfinite(v)) for v in values if np.issubdtype(v.dtype, np.floating))
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_by_sampling_and_training(tmp_path):
+  workdir = tmp_path / "run"
+  assert_ok(run_train(workdir, num_steps=6))  # checkpoints 3 and 6
+  data = max((workdir / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir(),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:1000])  # a truncated data file
+  unfinished = workdir / "checkpoints" / "9.orbax-checkpoint-tmp-99"  # a save that never ended
+  shutil.copytree(workdir / "checkpoints" / "3", unfinished)
+  grid = tmp_path / "grid.png"
+  sampled = subprocess.run(
+      [os.sys.executable, str(ROOT / "sample.py"), f"--checkpoint={workdir}", f"--out={grid}",
+       "--sampler=ddim", "--num_steps=2", "--classes=0,1", "--per_class=2"], cwd=ROOT,
+      capture_output=True, text=True, timeout=300, env=env_with_devices(1))
+  assert sampled.returncode == 0 and grid.exists(), sampled.stderr[-3000:]
+  reported = [line for line in sampled.stderr.splitlines() if "cannot be read" in line]
+  assert len(reported) == 1 and "checkpoint: step 6 of" in reported[0], sampled.stderr[-3000:]
+  assert "OUT_OF_RANGE" in reported[0]  # the real error, not 'Event loop is closed'
+  assert "Traceback" not in sampled.stderr and "Event loop" not in sampled.stderr
+  assert unfinished.exists()  # sampling writes nothing
+
+  resumed = run_train(workdir, num_steps=6)
+  assert_ok(resumed)
+  assert "Traceback" not in resumed.stderr and "Event loop" not in resumed.stderr
+  for text in (f"removed {unfinished}", "step 6 of", "moved the unreadable step 6 to "
+               f"{workdir / 'unreadable_checkpoints' / '6'}; training resumes from step 3"):
+    assert sum(text in line for line in resumed.stderr.splitlines()) == 1, text
+  assert not unfinished.exists() and (workdir / "unreadable_checkpoints" / "6" / "state").is_dir()
+  assert checkpoint_steps(workdir) == [3, 6] and int(restore_state(workdir, 6)["step"]) == 6
+  assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 7))
+
+
 def test_missing_dataset_says_where_and_how(tmp_path):
   result = run_train(tmp_path / "run", config="configs/imagenet.py:S/2",
                      data__data_dir=str(tmp_path / "tfds"))

@@ -226,3 +226,42 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
                                                rf"the last good checkpoint is step 6 \({where}\)$"):
     _check_finite(8, {**finite, "grad_norm": jnp.float32(np.nan)}, checkpointer)
   checkpointer.close()
+
+
+def test_resume_skips_unreadable_steps_and_sets_them_aside(tmp_path, caplog):
+  import logging
+  import shutil
+  from dit_jax.train.checkpointing import Checkpointer
+
+  directory = tmp_path / "checkpoints"
+  first = Checkpointer(str(directory), keep=5, keep_period=None, async_save=False)
+  for step in (1, 2, 3):
+    first.save(step, {"w": jnp.full((2,), float(step))}, {"model": {"hidden_size": 8}})
+  first.close()
+  shutil.rmtree(directory / "3" / "state")  # a damaged step: its config reads, its state not
+  (directory / "4").mkdir()  # an empty step folder
+  shutil.copytree(directory / "2", directory / "5.orbax-checkpoint-tmp-123")  # an unfinished save
+  with caplog.at_level(logging.INFO):
+    checkpointer = Checkpointer(str(directory), keep=5, keep_period=None, async_save=False)
+    checkpointer.check_compatible({"hidden_size": 8})  # reads step 3's config, skipping 4
+    step, state = checkpointer.restore_newest({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+  assert step == 2
+  np.testing.assert_array_equal(state["w"], [2.0, 2.0])
+  lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert lines == [
+      f"checkpoint: removed {directory}/5.orbax-checkpoint-tmp-123, the temporary folder of a "
+      "save that did not finish",
+      f"checkpoint: step 4 of {directory} cannot be read (ValueError: an empty folder); "
+      "skipping it",
+      f"checkpoint: step 3 of {directory} cannot be read (KeyError: {lines[2].split('(KeyError: ')[1]}",
+      f"checkpoint: moved the unreadable step 3 to {tmp_path}/unreadable_checkpoints/3; training "
+      "resumes from step 2",
+      f"checkpoint: moved the unreadable step 4 to {tmp_path}/unreadable_checkpoints/4; training "
+      "resumes from step 2"]
+  # Moved aside, not deleted; the run saves those steps again.
+  assert sorted(p.name for p in (tmp_path / "unreadable_checkpoints").iterdir()) == ["3", "4"]
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+  assert checkpointer.save(3, {"w": jnp.full((2,), 30.0)}, {"model": {"hidden_size": 8}})
+  checkpointer.wait()
+  assert checkpointer.restore_newest({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})[0] == 3
+  checkpointer.close()

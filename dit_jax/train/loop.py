@@ -187,10 +187,10 @@ def _check_classes(num_classes: int, model: DiT) -> None:
 
 def initial_state(run: Run, config: Any) -> state_lib.TrainState:
   """Latest checkpoint, else `init_from` weights, else a fresh init: created already sharded."""
-  step = run.checkpointer.latest_step()
+  step, state = run.checkpointer.restore_newest(run.abstract_state)
   if step is not None:
     logging.info("Resuming from %s step %d", run.checkpointer.directory, step)
-    return run.checkpointer.restore(step, run.abstract_state)
+    return state
   if config.init_from:
     # setup checked that it holds this architecture.
     _, params = params_io.load_params(config.init_from, scan_blocks=run.model.scan_blocks)
@@ -227,7 +227,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   with cli.user_errors():  # setup only validates: its failures are the user's to fix
     run = setup(config, workdir)
-  state = initial_state(run, config)
+  with cli.user_errors(params_io.UnreadableCheckpointError):  # every step damaged
+    state = initial_state(run, config)
   start_step = int(state.step)
   p_step, batch_shardings = compile_step(run, config)
   decode = None
