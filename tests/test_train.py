@@ -65,12 +65,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           env=env_with_devices(1))
   wait_for(lambda: len(checkpoint_steps(killed)) > 0, 240, proc)
+  # A second run on the workdir of a live one is refused at start, naming the holder.
+  second = run_train(killed, num_steps=100_000)
+  assert second.returncode == 1
+  line = second.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: workdir: {killed} is in use by another run (host ")
+  assert f", pid {proc.pid}, started " in line and proc.poll() is None
   proc.send_signal(signal.SIGKILL)  # a hard kill: no handler, no final checkpoint
   proc.wait()
   resume_from = checkpoint_steps(killed)[-1]
   assert resume_from % 3 == 0
   total = resume_from + 3
-  assert_ok(run_train(killed, num_steps=total))
+  resumed = run_train(killed, num_steps=total)
+  assert_ok(resumed)
+  # The killed run's lock is taken over, with a warning naming it.
+  assert f"workdir: taking over {killed / 'run.lock'} from a run that ended without releasing " \
+         f"it (host " in resumed.stderr and f", pid {proc.pid}, started " in resumed.stderr
   assert_ok(run_train(tmp_path / "straight", num_steps=total))
   resumed, straight = restore_state(killed, total), restore_state(tmp_path / "straight", total)
   assert int(resumed["step"]) == total

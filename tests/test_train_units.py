@@ -265,3 +265,47 @@ def test_resume_skips_unreadable_steps_and_sets_them_aside(tmp_path, caplog):
   checkpointer.wait()
   assert checkpointer.restore_newest({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})[0] == 3
   checkpointer.close()
+
+
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path, caplog):
+  import json
+  import logging
+  import os
+  import socket
+  import subprocess
+  from dit_jax.train.workdir_lock import (WorkdirBusyError, WorkdirLock, _process_start,
+                                          lock_workdir)
+
+  workdir = tmp_path / "run"
+  lock_file = workdir / "run.lock"
+  held = lock_workdir(str(workdir))  # one process: process 0 takes it
+  holder = json.loads(lock_file.read_text())
+  assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
+  with pytest.raises(WorkdirBusyError) as busy:  # flock is per open file: refused here too
+    WorkdirLock(str(workdir))
+  assert str(busy.value) == (f"workdir: {workdir} is in use by another run (host "
+                             f"{holder['host']}, pid {os.getpid()}, started {holder['started']}); "
+                             "wait for it to end, or use another --workdir. Nothing was written.")
+  held.release()
+  held.release()  # idempotent
+  assert lock_file.read_text() == ""
+  with caplog.at_level(logging.WARNING):
+    WorkdirLock(str(workdir)).release()  # released properly: no warning
+  assert not caplog.records
+
+  child = subprocess.Popen(["true"])
+  child.wait()  # a pid that has ended: its lock is taken over, with a warning
+  dead = {"host": socket.gethostname(), "pid": child.pid, "pid_start": "1",
+          "started": "2026-11-27T03:00:00+00:00"}
+  lock_file.write_text(json.dumps(dead))
+  with caplog.at_level(logging.WARNING):
+    WorkdirLock(str(workdir)).release()
+  assert [r.getMessage() for r in caplog.records] == [
+      f"workdir: taking over {lock_file} from a run that ended without releasing it (host "
+      f"{dead['host']}, pid {child.pid}, started {dead['started']})"]
+  # A filesystem that ignores flock: a live holder of this host is still recognised.
+  alive = {**dead, "pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+  lock_file.write_text(json.dumps(alive))
+  with pytest.raises(WorkdirBusyError, match=f"pid {os.getpid()}, started"):
+    WorkdirLock(str(workdir))
+  assert json.loads(lock_file.read_text()) == alive  # the refused run wrote nothing

@@ -21,6 +21,7 @@ from dit_jax.train import state as state_lib
 from dit_jax.train.checkpointing import Checkpointer, PreemptionHandler
 from dit_jax.train.step import train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
+from dit_jax.train.workdir_lock import WorkdirLock, lock_workdir
 
 
 @dataclasses.dataclass
@@ -37,13 +38,14 @@ class Run:
   abstract_state: Any
   rng: jax.Array  # the train step's base key (each step folds in its number)
   init_rng: jax.Array
+  lock: Optional[WorkdirLock]  # the workdir's, held by process 0 for the whole run
 
 
 def setup(config: Any, workdir: str) -> Run:
   """Validates the config against data and workdir and builds the pieces of a run.
 
-  Every check runs before the first write (the checkpoint directory is created last), so a
-  refused run leaves nothing behind.
+  Every check runs before the first write (the workdir's lock, then the checkpoint directory),
+  so a refused run leaves nothing behind.
   """
   model = build_model(config.model)
   for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
@@ -72,15 +74,22 @@ def setup(config: Any, workdir: str) -> Run:
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
       state_shardings)
-  # The first write: the checkpoint directory is created only where no checkpoints exist, so
-  # the compatibility check below refuses only a directory it did not touch.
-  checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep,
-                              keep_period=config.checkpoint.keep_period,
-                              async_save=config.checkpoint.async_save)
-  checkpointer.check_compatible(model.arch_config())
+  # The first write: the workdir's lock, refused (naming the holder) while another run lives.
+  lock = lock_workdir(workdir)
+  try:
+    # The checkpoint directory is created only where no checkpoints exist, so the compatibility
+    # check below refuses only a directory it did not touch.
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep,
+                                keep_period=config.checkpoint.keep_period,
+                                async_save=config.checkpoint.async_save)
+    checkpointer.check_compatible(model.arch_config())
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
   return Run(model, tx, lr_schedule, mesh, rules, inputs, checkpointer, state_shardings,
-             abstract_state, rng, init_rng)
+             abstract_state, rng, init_rng, lock)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
@@ -221,12 +230,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   Returns the last logged training metrics and the final evaluation, if any.
   """
-  from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
-
   # A filesystem path (local or a shared mount); orbax wants it absolute.
   workdir = os.path.abspath(workdir)
   with cli.user_errors():  # setup only validates: its failures are the user's to fix
     run = setup(config, workdir)
+  try:
+    return _train(run, config, workdir)
+  finally:  # saves in flight end before the workdir is released
+    run.checkpointer.close()
+    if run.lock is not None:
+      run.lock.release()
+
+
+def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, on a set-up run that holds its workdir."""
+  from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
+
   with cli.user_errors(params_io.UnreadableCheckpointError):  # every step damaged
     state = initial_state(run, config)
   start_step = int(state.step)
@@ -278,7 +297,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     return results
   finally:
     preemption.close()
-    run.checkpointer.close()
     reporter.close()
 
 

@@ -1,0 +1,127 @@
+"""One run per workdir: a lock that a second run is refused by, naming the run that holds it.
+
+`WORKDIR/run.lock` holds the holder's host, pid and start time (JSON), and the holder keeps an
+exclusive `flock` on it for as long as it runs. The kernel drops the flock when the holder's
+process ends, however it ends (kill -9 included), so a lock whose flock is free but whose file
+still names a holder was left by a run that died: it is taken over, with a warning. The file is
+never deleted (a run that opened it just before a deletion would lock a file nobody else sees);
+a run that ends normally empties it.
+
+Multi-process jobs: only process 0 takes the lock, and every process of the job learns from it
+whether the run may go on, so the job's own processes never compete for it. `flock` holds
+across the hosts of an NFS mount; on a filesystem that ignores it (some FUSE mounts) a holder
+on the same host that is still alive is recognised from its pid and start time, and refuses too.
+"""
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+LOCK_NAME = "run.lock"
+_MESSAGE_BYTES = 1024  # the refusal, as process 0 broadcasts it to the job's other processes
+
+
+class WorkdirBusyError(ValueError):
+  """Another live run holds the workdir."""
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """The start time of process `pid` in clock ticks since boot (Linux), to tell a pid reused."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _alive_here(holder: dict[str, Any]) -> bool:
+  """Whether the holder named in a lock file is a live process of this host."""
+  if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    return False
+  start = _process_start(holder["pid"])
+  return start is not None and start == holder.get("pid_start", start)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+  return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+          f"{holder.get('started', '?')}")
+
+
+class WorkdirLock:
+  """Holds `WORKDIR/run.lock` from construction until `release()` (or the process's end)."""
+
+  def __init__(self, workdir: str):
+    """Takes the lock, or raises WorkdirBusyError naming the live run that holds it."""
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, LOCK_NAME)
+    self._file = open(self.path, "a+")  # creates it if needed; changes nothing that is there
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      locked = False
+    self._file.seek(0)
+    try:
+      holder = json.loads(self._file.read() or "{}")
+    except json.JSONDecodeError:
+      holder = {}  # a holder killed while writing it
+    if not locked or _alive_here(holder):
+      self._file.close()
+      raise WorkdirBusyError(
+          f"workdir: {workdir} is in use by another run ({_describe(holder)}); wait for it to "
+          "end, or use another --workdir. Nothing was written.")
+    if holder:
+      logging.warning("workdir: taking over %s from a run that ended without releasing it (%s)",
+                      self.path, _describe(holder))
+    self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "pid_start": _process_start(os.getpid()),
+                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(json.dumps(self.holder) + "\n")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def release(self) -> None:
+    """Empties the lock file and drops the flock. Idempotent."""
+    if self._file.closed:
+      return
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.flush()
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+def _broadcast_text(text: str) -> str:
+  """Process 0's `text` on every process (all of them call this together)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.zeros(_MESSAGE_BYTES, np.uint8)
+  encoded = text.encode()[:_MESSAGE_BYTES]
+  data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  return bytes(data[data != 0]).decode(errors="replace")
+
+
+def lock_workdir(workdir: str) -> Optional[WorkdirLock]:
+  """Process 0 takes the workdir's lock; every process raises WorkdirBusyError if it failed.
+
+  Returns the lock on process 0, None on the others.
+  """
+  lock, refusal = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+    except WorkdirBusyError as e:
+      refusal = str(e)
+  if jax.process_count() > 1:
+    refusal = _broadcast_text(refusal)
+  if refusal:
+    raise WorkdirBusyError(refusal)
+  return lock
