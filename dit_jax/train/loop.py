@@ -262,6 +262,13 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
                                         run=json.loads(config.to_json_best_effort()))
   flops = train_flops_per_image(run.model) if peak_flops() else None
   check = functools.partial(_check_finite, checkpointer=run.checkpointer)
+
+  def report(step_metrics: tuple[int, Any]) -> dict[str, float]:
+    """Stops on a non-finite step, else logs its metrics (a metrics.jsonl row); returns them."""
+    values = check(*step_metrics)
+    reporter.step(step_metrics[0], values, flops)
+    return values
+
   last = {}
   pending: Optional[tuple[int, Any]] = None  # (step, its metrics), read one step late
   saved = start_step
@@ -271,25 +278,26 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
         state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng,
                                 run.inputs.vae_params)
         if pending is not None:  # reading the previous step's loss overlaps with this step
-          last = check(*pending)
-          reporter.step(pending[0], last, flops)
+          last = report(pending)
         done = step + 1  # the step just taken, numbered as metrics.jsonl and checkpoints are
         pending = (done, metrics)
         if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
-          last = check(*pending)  # never checkpoint a non-finite state
+          # Never checkpoint a non-finite state; the step's row is written before its
+          # checkpoint, so that a resumed run finds every row up to the checkpoint.
+          last, pending = report(pending), None
           saved = done if run.checkpointer.save(done, state, saved_config) else saved
         if config.sample.every_steps and (done % config.sample.every_steps == 0
                                           or done == config.num_steps):
           reporter.sample_grid(done, state.ema_params)
         if preemption.should_stop():
           logging.warning("SIGTERM: checkpointing step %d and stopping", done)
-          check(*pending)
+          if pending is not None:
+            last, pending = report(pending), None
           if saved != done:
             run.checkpointer.save(done, state, saved_config, force=True)
           return {"stopped_at": done, **last}
     if pending is not None:
-      last = check(*pending)
-      reporter.step(pending[0], last, flops)
+      last = report(pending)
     run.checkpointer.wait()
     results = {"step": int(state.step), **last}
     if config.eval.digits:
