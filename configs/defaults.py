@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 disables (the paper).
   config.ema_decay = 0.9999
   config.init_from = ""  # an orbax checkpoint from `python -m dit_jax.convert` to fine-tune.
+  # Resuming with changes that alter training (batch size, optimizer, seed, data, EMA, ...)
+  # is refused unless listed here: keys or sections, comma-separated ("batch_size,optimizer").
+  # Accepted changes are logged and kept in WORKDIR/config_history.jsonl.
+  config.resume_changes = ""
 
   # Mesh: data parallel over `data`, parameters sharded over `fsdp`, matmuls over `tensor`.
   config.mesh = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """train.py end to end in subprocesses: meshes, resume after SIGKILL, two processes, SIGTERM,
 a folder run, init_from, and the failure behaviours."""
+import json
 import os
 import signal
 import socket
@@ -183,13 +184,15 @@ def test_init_from_imported_official_weights(tmp_path):
                   "--image-size", "64", "--in-channels", "1", "--num-classes", "10",
                   "--out", str(ckpt)], check=True, cwd=ROOT, capture_output=True)
   workdir = tmp_path / "finetune"
+  frozen = dict(optimizer__learning_rate=0.0, optimizer__warmup_steps=0)
   assert_ok(run_train(workdir, num_steps=1, checkpoint__every_steps=1, init_from=str(ckpt),
-                      optimizer__learning_rate=0.0, optimizer__warmup_steps=0))
+                      **frozen))
   state = restore_state(workdir)
   assert_states_equal(state["params"], jax.tree.map(np.asarray, params), atol=0.0)
   # Resuming reads the workdir's checkpoint, not init_from: it may be gone by then.
   shutil.rmtree(ckpt)
-  assert_ok(run_train(workdir, num_steps=2, checkpoint__every_steps=1, init_from=str(ckpt)))
+  assert_ok(run_train(workdir, num_steps=2, checkpoint__every_steps=1, init_from=str(ckpt),
+                      **frozen))
   assert restore_state(workdir)["step"] == 2
   # A model of another size is refused.
   bad = run_train(tmp_path / "bad", num_steps=1, init_from=str(ckpt), model__hidden_size=64,
@@ -278,6 +281,24 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path):
   assert "different model" in line and "hidden_size" in line
   after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts}
   assert before == after and checkpoint_steps(tmp_path) == [3]
+
+  # The same model with a change that alters training: refused unless accepted, then recorded.
+  history = tmp_path / "config_history.jsonl"
+  recorded = history.read_text()
+  assert [json.loads(row)["from_step"] for row in recorded.splitlines()] == [0]
+  changed = run_train(tmp_path, batch_size=32, num_steps=6)
+  assert changed.returncode == 1
+  line = changed.stderr.strip().splitlines()[-1]
+  assert "(batch_size 16 -> 32)" in line and "--config.resume_changes=batch_size " in line
+  after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts}
+  assert before == after and history.read_text() == recorded
+  accepted = run_train(tmp_path, batch_size=32, num_steps=6, resume_changes="batch_size")
+  assert_ok(accepted)
+  assert ("config: resuming from step 3 with batch_size changed from 16 to 32 "
+          "(config.resume_changes)") in accepted.stderr
+  rows = [json.loads(row) for row in history.read_text().splitlines()]
+  assert [r["from_step"] for r in rows] == [0, 3] and rows[0]["config"]["batch_size"] == 16
+  assert rows[1]["changes"]["batch_size"] == [16, 32] and checkpoint_steps(tmp_path) == [3, 6]
 
 
 def test_config_typo_fails(tmp_path):

@@ -309,3 +309,60 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path,
   with pytest.raises(WorkdirBusyError, match=f"pid {os.getpid()}, started"):
     WorkdirLock(str(workdir))
   assert json.loads(lock_file.read_text()) == alive  # the refused run wrote nothing
+
+
+def test_resume_with_a_changed_config(tmp_path, caplog):
+  import json
+  import logging
+  from dit_jax import checkpoints
+  from dit_jax.diffusion import DiffusionProcess
+  from dit_jax.train import resume_check
+
+  first = tiny_config()
+  saved = checkpoints.saved_config(build_model(first.model),
+                                   DiffusionProcess.from_config(first.diffusion),
+                                   run=resume_check.run_config(first))
+  check = functools.partial(resume_check.check_resume, saved, 300, where="ckpts")
+  config = tiny_config()
+  config.num_steps, config.sample.cfg_scale, config.mesh.axis_sizes = 9000, 2.0, (1, -1, 1)
+  assert set(check(config)) == {"num_steps", "sample.cfg_scale", "mesh.axis_sizes"}  # free
+  config.batch_size, config.optimizer.learning_rate, config.seed = 64, 2e-3, 7
+  with pytest.raises(ValueError) as refused:
+    check(config)
+  assert str(refused.value) == (
+      "config: ckpts step 300 was trained with other settings (batch_size 128 -> 64, "
+      "optimizer.learning_rate 0.001 -> 0.002, seed 0 -> 7); changing them changes how "
+      "training goes on. Pass --config.resume_changes=batch_size,optimizer.learning_rate,seed "
+      "to accept (each accepted change is kept in config_history.jsonl), or use another "
+      "--workdir. Nothing was written.")
+  config.resume_changes = "batch_size, optimizer,seed"  # a key or a whole section
+  with caplog.at_level(logging.WARNING):
+    check(config)
+  assert [r.getMessage() for r in caplog.records] == [
+      "config: resuming from step 300 with batch_size changed from 128 to 64 "
+      "(config.resume_changes)",
+      "config: resuming from step 300 with optimizer.learning_rate changed from 0.001 to 0.002 "
+      "(config.resume_changes)",
+      "config: resuming from step 300 with seed changed from 0 to 7 (config.resume_changes)"]
+  for key, value, message in (("diffusion.predict_xstart", True, "was trained for linear "),
+                              ("optimizer.grad_clip_norm", 0.0, "trained with clipping")):
+    other = tiny_config()
+    other.resume_changes = "diffusion,optimizer"  # not enough for these
+    section, name = key.split(".")
+    other[section][name] = value
+    with pytest.raises(ValueError, match=message):
+      check(other)
+
+  # The history: the first config, then each change, with the step it applies from.
+  resume_check.record(str(tmp_path), 0, first)
+  resume_check.record(str(tmp_path), 300, first)  # unchanged: no row
+  resume_check.record(str(tmp_path), 300, config)
+  rows = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+  assert [r["from_step"] for r in rows] == [0, 300] and rows[0]["changes"] == {}
+  assert rows[1]["changes"]["batch_size"] == [128, 64] and rows[1]["config"]["seed"] == 7
+  # A workdir from before the history: the saved config is recorded first.
+  (tmp_path / "old").mkdir()
+  resume_check.record(str(tmp_path / "old"), 300, config, saved)
+  rows = [json.loads(line) for line in (tmp_path / "old" / "config_history.jsonl").read_text(
+      ).splitlines()]
+  assert [r["from_step"] for r in rows] == [None, 300] and rows[0]["config"]["seed"] == 0

@@ -57,13 +57,16 @@ class Checkpointer:
   def saved_config(self, step: int) -> dict[str, Any]:
     return checkpoints.read_config(self.manager, step)
 
-  def check_compatible(self, model_arch: dict[str, Any]) -> None:
-    """Refuses (before anything is written) a workdir whose checkpoints are another model's."""
+  def check_compatible(self, model_arch: dict[str, Any]) -> Optional[tuple[int, dict[str, Any]]]:
+    """Refuses (before anything is written) a workdir whose checkpoints are another model's.
+
+    Returns (step, config item) of the newest step whose config reads; None without steps.
+    """
     if not self.manager.all_steps():
-      return
-    step, saved = checkpoints.first_readable(self.manager.all_steps(), self.saved_config,
-                                             self.skipped, self.directory)
-    saved = saved.get("model", {})
+      return None
+    step, config = checkpoints.first_readable(self.manager.all_steps(), self.saved_config,
+                                              self.skipped, self.directory)
+    saved = config.get("model", {})
     diff = sorted(k for k in set(saved) | set(model_arch) if saved.get(k) != model_arch.get(k))
     if diff:
       details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model_arch.get(k)!r}"
@@ -71,6 +74,7 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f"workdir: {self.directory} holds checkpoints (step {step}) of a different model "
           f"({details}); use another --workdir. Nothing was written.")
+    return step, config
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs)."""

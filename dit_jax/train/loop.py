@@ -17,6 +17,7 @@ from dit_jax.latents import LatentPipeline, LatentSource
 from dit_jax.diffusion import DiffusionProcess, create_diffusion
 from dit_jax.models import DiT, build_model, model_from_config
 from dit_jax.train import sharding as shd
+from dit_jax.train import resume_check
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpointing import Checkpointer, PreemptionHandler
 from dit_jax.train.step import train_step
@@ -39,6 +40,7 @@ class Run:
   rng: jax.Array  # the train step's base key (each step folds in its number)
   init_rng: jax.Array
   lock: Optional[WorkdirLock]  # the workdir's, held by process 0 for the whole run
+  resumed_config: Optional[dict[str, Any]]  # the config item of the checkpoint resumed from
 
 
 def setup(config: Any, workdir: str) -> Run:
@@ -82,14 +84,16 @@ def setup(config: Any, workdir: str) -> Run:
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep,
                                 keep_period=config.checkpoint.keep_period,
                                 async_save=config.checkpoint.async_save)
-    checkpointer.check_compatible(model.arch_config())
+    found = checkpointer.check_compatible(model.arch_config())
+    if found is not None:  # resuming: refuses changes that alter training, unless accepted
+      resume_check.check_resume(found[1], found[0], config, checkpoint_dir)
   except BaseException:
     if lock is not None:
       lock.release()
     raise
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
   return Run(model, tx, lr_schedule, mesh, rules, inputs, checkpointer, state_shardings,
-             abstract_state, rng, init_rng, lock)
+             abstract_state, rng, init_rng, lock, found[1] if found else None)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
@@ -249,6 +253,7 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
   with cli.user_errors(params_io.UnreadableCheckpointError):  # every step damaged
     state = initial_state(run, config)
   start_step = int(state.step)
+  resume_check.record(workdir, start_step, config, run.resumed_config)
   p_step, batch_shardings = compile_step(run, config)
   decode = None
   if config.vae.path and run.model.in_channels not in (1, 3):
