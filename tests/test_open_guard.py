@@ -1,7 +1,9 @@
 """The suite reads nothing outside the checkout: the guard that enforces it works."""
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 
 import open_guard
 from conftest import FIXTURES, ROOT
@@ -19,7 +21,7 @@ def test_fixtures_are_inside_the_repository():
 def test_guard_reports_opens_outside_the_checkout_in_subprocesses(tmp_path):
   """A subprocess started by a test watches itself (sitecustomize) and logs outside opens."""
   log = tmp_path / "outside.log"
-  outside = ROOT.parent / "shared" / "fixtures" / "dit_open_guard_probe.npz"
+  outside = "/dit_open_guard_probe/fixtures/tiny_dit.npz"  # outside every allowed root
   inside = ROOT / "README.md"
   scratch = tmp_path / "scratch.txt"
   code = ("import sys\n"
@@ -32,12 +34,26 @@ def test_guard_reports_opens_outside_the_checkout_in_subprocesses(tmp_path):
          "PYTEST_CURRENT_TEST": "probe::test (call)"}
   subprocess.run([sys.executable, "-c", code, str(outside), str(inside), str(scratch)],
                  env=env, check=True, cwd=tmp_path)
-  assert open_guard.read_log(str(log)) == [("probe::test", os.path.realpath(outside))]
+  assert open_guard.read_log(str(log)) == [("probe::test", outside)]
 
 
-def test_allowed_roots():
-  roots = open_guard.allowed_roots(str(ROOT))
-  assert open_guard.is_inside(str(ROOT / "tests" / "fixtures" / "x"), roots)
-  assert open_guard.is_inside(os.path.realpath(sys.prefix), roots)
-  assert not open_guard.is_inside(str(ROOT.parent / "shared" / "fixtures" / "x"), roots)
-  assert not open_guard.is_inside(str(ROOT) + "-other/x", roots)  # a sibling sharing a prefix
+def test_allowed_paths():
+  checkout = "/work/dit-jax"
+  roots = open_guard.allowed_roots(checkout)
+  allowed = functools.partial(open_guard.is_allowed, roots=roots, checkout=checkout)
+  assert allowed(checkout + "/tests/fixtures/x")
+  assert allowed(os.path.realpath(sys.prefix) + "/lib/x.py")
+  assert allowed(os.path.join(os.path.realpath(tempfile.gettempdir()), "pytest-0", "x"))
+  assert not allowed("/work/shared/fixtures/x")
+  assert not allowed("/work/dit-jax-other/x")  # a sibling sharing the checkout's prefix
+  assert not allowed("/dit_open_guard_probe/x")
+
+
+def test_beside_a_checkout_in_the_temp_dir_is_outside():
+  """A clone in /tmp/x/dit-jax: /tmp/x/shared is not the test's temp space."""
+  tmp = os.path.realpath(tempfile.gettempdir())
+  checkout = os.path.join(tmp, "clone", "dit-jax")
+  roots = open_guard.allowed_roots(checkout)
+  assert not open_guard.is_allowed(os.path.join(tmp, "clone", "shared", "x"), roots, checkout)
+  assert open_guard.is_allowed(os.path.join(checkout, "README.md"), roots, checkout)
+  assert open_guard.is_allowed(os.path.join(tmp, "pytest-of-root", "x"), roots, checkout)

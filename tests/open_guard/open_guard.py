@@ -8,6 +8,7 @@ the tests start (train.py, sample.py, ...; see sitecustomize.py beside this file
 Allowed: the checkout, the temporary directory, the Python installation and its packages, and
 the operating system's own trees (/dev, /proc, /sys, /etc, /usr, /lib...).
 """
+import functools
 import os
 import site
 import sys
@@ -20,12 +21,16 @@ SYSTEM_ROOTS = ("/dev", "/proc", "/sys", "/etc", "/usr", "/lib", "/lib64", "/bin
                 "/run", "/var/lib", "/opt/conda")
 
 
-def allowed_roots(checkout: str) -> tuple[str, ...]:
-  roots = {checkout, tempfile.gettempdir(), *SYSTEM_ROOTS}
-  roots.update(p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-               if p)
+def python_roots() -> tuple[str, ...]:
+  """The Python installation and its packages (a venv may sit anywhere, even beside the clone)."""
+  roots = {p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix) if p}
   roots.update(sysconfig.get_paths().values())
   roots.update(site.getsitepackages())
+  return tuple(sorted({os.path.realpath(r) for r in roots}))
+
+
+def allowed_roots(checkout: str) -> tuple[str, ...]:
+  roots = {checkout, tempfile.gettempdir(), *SYSTEM_ROOTS, *python_roots()}
   return tuple(sorted({os.path.realpath(r) for r in roots}))
 
 
@@ -33,9 +38,32 @@ def is_inside(path: str, roots: tuple[str, ...]) -> bool:
   return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+def is_allowed(path: str, roots: tuple[str, ...], checkout: str,
+               py_roots: tuple[str, ...] | None = None) -> bool:
+  """Inside an allowed root, and not beside the checkout (where `../shared` would be).
+
+  The folder holding the checkout is out of bounds even when it lies in an allowed root (a
+  clone in /tmp/x/dit-jax: /tmp/x/shared is not the temporary directory the tests may use),
+  unless that folder is the temporary directory itself.
+  """
+  if is_inside(path, python_roots() if py_roots is None else py_roots):
+    return True
+  parent = os.path.dirname(checkout)
+  if (is_inside(path, (parent,)) and not is_inside(path, (checkout,))
+      and parent != _temp_dir() and parent != "/"):
+    return False
+  return is_inside(path, roots)
+
+
+@functools.cache
+def _temp_dir() -> str:
+  return os.path.realpath(tempfile.gettempdir())
+
+
 def install(checkout: str, log_path: str) -> None:
   """Watch this process: opens outside the allowed roots go to log_path."""
-  roots = allowed_roots(os.path.realpath(checkout))
+  checkout = os.path.realpath(checkout)
+  roots, py_roots = allowed_roots(checkout), python_roots()
   busy = []  # the hook's own open() of the log must not re-enter it
 
   def hook(event: str, args: tuple) -> None:
@@ -45,7 +73,7 @@ def install(checkout: str, log_path: str) -> None:
     if isinstance(path, bytes):
       path = os.fsdecode(path)
     path = os.path.realpath(os.fspath(path))
-    if is_inside(path, roots):
+    if is_allowed(path, roots, checkout, py_roots):
       return
     busy.append(1)
     try:
