@@ -50,6 +50,9 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: warnings and errors
   sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, AbandonedReadFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(AbandonedReadFilter())
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
   if tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow"):
@@ -62,6 +65,30 @@ def _abandoned_read(unraisable: Any) -> bool:
   if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
     return True
   return code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename
+
+
+class AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's "Future exception was never retrieved" for reads a failed restore left.
+
+  When one item of a checkpoint fails to restore, orbax abandons its other reads; their futures
+  fail too and, when garbage-collected, asyncio logs each at ERROR with a traceback (the one
+  line that reports the unreadable step has already said why).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith("Future exception was never retrieved"):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      return True
+    if "tensorstore_spec" in str(error):
+      return False
+    tb = error.__traceback__
+    while tb is not None:
+      if f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in tb.tb_frame.f_code.co_filename:
+        return False
+      tb = tb.tb_next
+    return True
 
 
 def _without_closed_loop_errors(hook: Callable[[Any], None]) -> Callable[[Any], None]:

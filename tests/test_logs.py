@@ -66,3 +66,21 @@ def test_a_training_checkpoint_loads_without_orbax_warnings(tiny_run, caplog):
                             flat(raw)["/final_layer/linear/kernel"])
   with pytest.raises(FileNotFoundError, match="has no step 7; it holds steps \\[3\\]"):
     checkpoints.load_params(str(workdir), step=7)
+
+
+def test_abandoned_orbax_reads_are_not_logged_but_other_futures_are():
+  """asyncio's 'Future exception was never retrieved' of a read a failed restore left is dropped."""
+  import logging
+
+  from dit_jax import logs
+
+  def record(error):
+    return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, "Future exception "
+                             "was never retrieved\nfuture: <Future>", None,
+                             (type(error), error, None))
+
+  keep = logs.AbandonedReadFilter().filter
+  assert not keep(record(ValueError('NOT_FOUND: ... [tensorstore_spec=\'{"driver":"zarr"}\']')))
+  assert keep(record(ValueError("a real bug elsewhere")))
+  assert keep(logging.LogRecord("asyncio", logging.ERROR, "x.py", 1, "Task was destroyed", None,
+                                None))
