@@ -44,16 +44,16 @@ def test_allowed_paths():
   assert allowed(checkout + "/tests/fixtures/x")
   assert allowed(os.path.realpath(sys.prefix) + "/lib/x.py")
   assert allowed(os.path.join(os.path.realpath(tempfile.gettempdir()), "pytest-0", "x"))
-  assert not allowed("/work/shared/fixtures/x")
+  assert not allowed("/work/beside/fixtures/x")  # a folder beside the checkout
   assert not allowed("/work/dit-jax-other/x")  # a sibling sharing the checkout's prefix
   assert not allowed("/dit_open_guard_probe/x")
 
 
 def test_beside_a_checkout_in_the_temp_dir_is_outside():
-  """A clone in /tmp/x/dit-jax: /tmp/x/shared is not the test's temp space."""
+  """A clone in /tmp/x/dit-jax: /tmp/x/other is not the test's temp space."""
   tmp = os.path.realpath(tempfile.gettempdir())
   checkout = os.path.join(tmp, "clone", "dit-jax")
   roots = open_guard.allowed_roots(checkout)
-  assert not open_guard.is_allowed(os.path.join(tmp, "clone", "shared", "x"), roots, checkout)
+  assert not open_guard.is_allowed(os.path.join(tmp, "clone", "other", "x"), roots, checkout)
   assert open_guard.is_allowed(os.path.join(checkout, "README.md"), roots, checkout)
   assert open_guard.is_allowed(os.path.join(tmp, "pytest-of-root", "x"), roots, checkout)

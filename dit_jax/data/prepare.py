@@ -109,7 +109,7 @@ def exclusive_lock(directory: str) -> Iterator[None]:
 
 
 def remove_incomplete(dataset_dir: str, version: str) -> list[str]:
-  """Deletes the `incomplete.XXXXXX_<version>` folders interrupted runs left (call it locked)."""
+  """Deletes the `incomplete.<random suffix>_<version>` folders of interrupted runs (hold the lock)."""
   if not os.path.isdir(dataset_dir):
     return []
   stale = sorted(os.path.join(dataset_dir, name) for name in os.listdir(dataset_dir)

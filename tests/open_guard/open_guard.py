@@ -43,7 +43,7 @@ def is_allowed(path: str, roots: tuple[str, ...], checkout: str,
   """Inside an allowed root, and not beside the checkout (where `../shared` would be).
 
   The folder holding the checkout is out of bounds even when it lies in an allowed root (a
-  clone in /tmp/x/dit-jax: /tmp/x/shared is not the temporary directory the tests may use),
+  clone in /tmp/x/dit-jax: /tmp/x/other is not the temporary directory the tests may use),
   unless that folder is the temporary directory itself.
   """
   if is_inside(path, python_roots() if py_roots is None else py_roots):
