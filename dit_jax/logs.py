@@ -81,7 +81,7 @@ class AbandonedReadFilter(logging.Filter):
     error = record.exc_info[1] if record.exc_info else None
     if error is None:
       return True
-    if "tensorstore_spec" in str(error):
+    if "tensorstore_spec" in str(error) or "OCDBT database" in str(error):  # orbax's storage
       return False
     tb = error.__traceback__
     while tb is not None:

@@ -81,6 +81,7 @@ def test_abandoned_orbax_reads_are_not_logged_but_other_futures_are():
 
   keep = logs.AbandonedReadFilter().filter
   assert not keep(record(ValueError('NOT_FOUND: ... [tensorstore_spec=\'{"driver":"zarr"}\']')))
+  assert not keep(record(ValueError('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database')))
   assert keep(record(ValueError("a real bug elsewhere")))
   assert keep(logging.LogRecord("asyncio", logging.ERROR, "x.py", 1, "Task was destroyed", None,
                                 None))
