@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
@@ -66,13 +67,26 @@ def quiet_step_scan() -> Iterator[None]:
     absl_logger.removeFilter(quiet)
 
 
+STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax writes it last: a step folder without it is
+# a save that did not finish
+
+
 def _check_complete(manager: ocp.CheckpointManager, step: int) -> None:
   """Refuses a step folder that orbax never finished (it would log a warning of its own)."""
   path = os.path.join(manager.directory, str(step))
   if os.path.isdir(path) and not os.listdir(path):
     raise ValueError("an empty folder")
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-    raise ValueError("no _CHECKPOINT_METADATA: a save that did not finish")
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, STEP_METADATA)):
+    raise ValueError(f"no {STEP_METADATA}: a save that did not finish")
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The steps of `directory` whose save finished, as the disk has them (orbax's own list
+  forgets a step it meant to rotate out as soon as a newer save starts, even one that fails)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.exists(os.path.join(directory, name, STEP_METADATA)))
 
 
 def write_state(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
@@ -154,13 +168,22 @@ class UnreadableCheckpointError(ValueError):
   """No step of a checkpoint directory (or not the step asked for) can be read."""
 
 
-def _reason(error: BaseException) -> str:
-  """One short line saying why a step failed to read (orbax messages run to pages; the first
-  cause is the tensorstore error that names the file, e.g. OUT_OF_RANGE)."""
+# How tensorstore ends the message of a failed file operation: `... "PATH": ... MESSAGE
+# [os_error_code='27']`. The OS's message and the file say more than the pages before them.
+_OS_ERROR = re.compile(r'"([^"]+)": (?:[^"]*: )?([^":]+?) \[os_error_code=\'?(\d+)')
+
+
+def reason(error: BaseException) -> str:
+  """One short line saying why a step failed to read or write (orbax messages run to pages; the
+  first cause is the tensorstore error that names the file, e.g. OUT_OF_RANGE)."""
   while error.__cause__ is not None:
     error = error.__cause__
   lines = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  os_error = _OS_ERROR.search(text)
+  if os_error is not None and len(text) > 240:
+    path, message, code = os_error.groups()
+    text = f"{message} (errno {code}): {path}"
   return text if len(text) <= 240 else text[:237] + "..."
 
 
@@ -176,7 +199,7 @@ def first_readable(steps: Sequence[int], read: Callable[[int], Any], skipped: di
     try:
       return step, read(step)
     except Exception as e:  # pylint: disable=broad-except  (any failure: the step is unusable)
-      skipped[step] = _reason(e)
+      skipped[step] = reason(e)
       logging.warning("checkpoint: step %d of %s cannot be read (%s); skipping it", step, where,
                       skipped[step])
   if not skipped:
@@ -215,7 +238,7 @@ class Reader:
       return step, read(step)
     except Exception as e:  # pylint: disable=broad-except
       raise UnreadableCheckpointError(f"checkpoint: step {step} of {self.directory} cannot "
-                                      f"be read ({_reason(e)})") from e
+                                      f"be read ({reason(e)})") from e
 
   def config(self, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
     """(the config item, its step)."""

@@ -15,6 +15,7 @@ The programs raise user errors before any expensive work and before writing anyt
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib.util
 import os
 import re
@@ -27,6 +28,30 @@ CONFIG_FLAG = "config"  # the name of the programs' config file flag
 
 class UserError(Exception):
   """A mistake in the user's input, reported as one line without a traceback."""
+
+
+class WriteError(UserError):
+  """An output could not be written (a full disk, a quota, a read-only or lost mount)."""
+
+
+# The errors of a write that the machine refused, rather than of a bug.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+@contextlib.contextmanager
+def write_errors() -> Iterator[None]:
+  """Re-raises an OSError of a refused write (see WRITE_ERRNOS) as a WriteError naming the file.
+
+  The writers name their file in the OSError (`OSError(errno, strerror, path)`): a failed
+  `write` or `close` alone does not.
+  """
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in WRITE_ERRNOS:
+      raise
+    where = f" {e.filename}" if e.filename else ""
+    raise WriteError(f"could not write{where}: {e.strerror} (errno {e.errno}); stopping") from e
 
 
 def verbose() -> bool:

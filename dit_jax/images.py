@@ -123,10 +123,13 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
 
   fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(image).save(f, format="PNG")
-      f.flush()
-      os.fsync(f.fileno())  # Content on disk before the name appears.
+    try:
+      with os.fdopen(fd, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())  # Content on disk before the name appears.
+    except OSError as e:  # a failed write (a full disk) does not name the file: name it
+      raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
     try:
       os.link(tmp_name, path)
     except FileExistsError:

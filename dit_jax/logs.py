@@ -14,7 +14,9 @@ The entry points call `setup()` first thing in `main()`. What it cuts, each at i
   reads still in flight complete on the event loop orbax has closed ("RuntimeError: Event loop
   is closed") or fail in coroutines nobody awaits any more, each printing a traceback through
   `sys.unraisablehook`, hundreds of lines hiding the real error. `setup` drops exactly those;
-  the restore's own error is reported, in one line, where it is caught.
+  the restore's own error is reported, in one line, where it is caught; and the tracebacks
+  orbax logs from its threads for a failed save (`OrbaxFailureTracebacks`), which it raises to
+  the run, which reports it in one line.
 Our modules log with the standard `logging` (the root logger, which absl's handler prints), so
 their INFO lines stay. `--verbosity=1` (absl's flag; debug) leaves every library as it was.
 """
@@ -24,6 +26,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from typing import Any, Callable, Optional
 
 LIBRARY_LOGGERS = ("absl", "jax", "tensorflow")
@@ -53,8 +56,14 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
   asyncio_logger = logging.getLogger("asyncio")
   if not any(isinstance(f, AbandonedReadFilter) for f in asyncio_logger.filters):
     asyncio_logger.addFilter(AbandonedReadFilter())
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, OrbaxFailureTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(OrbaxFailureTracebacks())
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  # A failed save's other writes, never started, are garbage-collected as the process ends.
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message=r"coroutine '[\w.<>]*write_fragment' was never awaited")
   if tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow"):
     _import_tensorflow_without_info()
 
@@ -68,15 +77,17 @@ def _abandoned_read(unraisable: Any) -> bool:
 
 
 class AbandonedReadFilter(logging.Filter):
-  """Drops asyncio's "Future exception was never retrieved" for reads a failed restore left.
+  """Drops asyncio's "... exception was never retrieved" for orbax's abandoned reads and writes.
 
   When one item of a checkpoint fails to restore, orbax abandons its other reads; their futures
   fail too and, when garbage-collected, asyncio logs each at ERROR with a traceback (the one
-  line that reports the unreadable step has already said why).
+  line that reports the unreadable step has already said why). A save that fails (a full disk)
+  leaves its other writes' tasks the same way; the save's error is reported in one line too.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if not record.getMessage().startswith("Future exception was never retrieved"):
+    # asyncio names the kind: Future, Task, _GatheringFuture.
+    if "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
       return True
     error = record.exc_info[1] if record.exc_info else None
     if error is None:
@@ -89,6 +100,20 @@ class AbandonedReadFilter(logging.Filter):
         return False
       tb = tb.tb_next
     return True
+
+
+class OrbaxFailureTracebacks(logging.Filter):
+  """Drops the tracebacks orbax logs for a failed background save, from each of its threads.
+
+  A save that fails (a full disk) is logged with its traceback by every layer it passes
+  through (the write thread, the commit thread, the finalize thread, `wait_until_finished`),
+  and then raised to the caller, where the run reports it in one line naming the file
+  (`dit_jax.train.checkpointing`). Orbax's records without a traceback stay.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    in_orbax = f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
+    return not (in_orbax and record.levelno >= logging.ERROR and record.exc_info)
 
 
 def _without_closed_loop_errors(hook: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dit_jax import checkpoints
+from dit_jax import checkpoints, cli
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
@@ -24,6 +24,10 @@ UNREADABLE_DIR = "unreadable_checkpoints"  # in the workdir: steps that failed t
 
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds checkpoints of a different model."""
+
+
+class CheckpointWriteError(cli.WriteError):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount): the run stops."""
 
 
 class Checkpointer:
@@ -36,6 +40,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True)
     self.directory = directory
     self.skipped: dict[int, str] = {}  # steps that failed to read: step -> why
+    self._in_flight: Optional[int] = None  # the step of the save last started
+    self._failed = False  # a save failed: reported once, the run stops
     self._remove_unfinished_saves()
     with checkpoints.quiet_step_scan():
       self.manager = ocp.CheckpointManager(directory, options=options)
@@ -125,28 +131,87 @@ class Checkpointer:
       self.manager.reload()
 
   def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
-    """Starts saving `step` (in the background when async); False if the manager skipped it."""
-    saved = checkpoints.write_state(self.manager, step, state, config, force=force)
+    """Starts saving `step` (in the background when async); False if the manager skipped it.
+
+    Raises CheckpointWriteError if this save, or the one before it, failed to write.
+    """
+    self.wait()  # the save before (orbax would wait for it too): its failure is its own
+    self._in_flight = step
+    try:
+      saved = checkpoints.write_state(self.manager, step, state, config, force=force)
+      if not self.manager.is_saving_in_progress():  # a synchronous save: it has ended
+        self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  (any failure: the save is lost)
+      raise self._write_error(e) from e
     if saved:
       logging.info("Checkpoint: %s", os.path.join(self.directory, str(step)))
     return saved
 
+  def failure(self) -> Optional[CheckpointWriteError]:
+    """The error of a background save that failed, if one has; never waits for a save."""
+    if self._in_flight is None or self.manager.is_saving_in_progress():
+      return None
+    try:
+      self.manager.wait_until_finished()  # returns at once: nothing is in progress
+    except Exception as e:  # pylint: disable=broad-except
+      return self._write_error(e)
+    return None
+
+  def check(self) -> None:
+    """Raises CheckpointWriteError if a background save has failed; never waits for one."""
+    error = self.failure()
+    if error is not None:
+      raise error from error.__cause__
+
+  def _write_error(self, error: BaseException) -> CheckpointWriteError:
+    self._failed = True
+    write_error = CheckpointWriteError(self._failure_message(error))
+    write_error.__cause__ = error
+    return write_error
+
+  def _failure_message(self, error: BaseException) -> str:
+    good = [s for s in checkpoints.finished_steps(self.directory) if s != self._in_flight]
+    kept = (f"the last checkpoint is step {max(good)}" if good else
+            "no checkpoint was written before it")
+    return (f"checkpoint: could not write step {self._in_flight} to "
+            f"{os.path.join(self.directory, str(self._in_flight))} "
+            f"({checkpoints.reason(error)}); stopping; {kept}")
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointWriteError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from e
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager. Idempotent."""
-    if self.manager is not None:
-      self.manager.wait_until_finished()
-      self.manager.close()
-      self.manager = None
+    """Waits for pending saves and releases the manager. Idempotent.
+
+    After a failed save (already reported) the error is not raised again.
+    """
+    if self.manager is None:
+      return
+    manager, self.manager = self.manager, None
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not self._failed:
+        self.manager = manager
+        raise self._write_error(e) from e
+    manager.close()
 
 
 def _on_every_process(ok: bool) -> bool:
   """True when `ok` holds on every process (all of them call this together)."""
+  return not any_process(not ok)[0]
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """Each flag, true if it is true on any process (all of them call this together)."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+    return tuple(bool(f) for f in flags)
+  gathered = np.asarray(multihost_utils.process_allgather(np.array(flags, bool)))
+  return tuple(bool(f) for f in gathered.reshape(-1, len(flags)).any(axis=0))
 
 
 class PreemptionHandler:
@@ -162,12 +227,10 @@ class PreemptionHandler:
     del signum, frame
     self._requested = True
 
-  def should_stop(self) -> bool:
-    """True on every process once any process got SIGTERM."""
-    if jax.process_count() == 1:
-      return self._requested
-    flags = multihost_utils.process_allgather(np.array(self._requested))
-    return bool(np.any(flags))
+  @property
+  def requested(self) -> bool:
+    """Whether this process got SIGTERM (`any_process` makes every process agree on it)."""
+    return self._requested
 
   def close(self) -> None:
     if self._previous is not None:

@@ -19,7 +19,8 @@ from dit_jax.models import DiT, build_model, model_from_config
 from dit_jax.train import sharding as shd
 from dit_jax.train import resume_check
 from dit_jax.train import state as state_lib
-from dit_jax.train.checkpointing import Checkpointer, PreemptionHandler
+from dit_jax.train.checkpointing import (Checkpointer, CheckpointWriteError, PreemptionHandler,
+                                         any_process)
 from dit_jax.train.step import train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
 from dit_jax.train.workdir_lock import WorkdirLock, lock_workdir
@@ -239,7 +240,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   with cli.user_errors():  # setup only validates: its failures are the user's to fix
     run = setup(config, workdir)
   try:
-    return _train(run, config, workdir)
+    with cli.write_errors():  # a full disk: one line naming the file, the run stops
+      return _train(run, config, workdir)
   finally:  # saves in flight end before the workdir is released
     run.checkpointer.close()
     if run.lock is not None:
@@ -294,7 +296,14 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
         if config.sample.every_steps and (done % config.sample.every_steps == 0
                                           or done == config.num_steps):
           reporter.sample_grid(done, state.ema_params)
-        if preemption.should_stop():
+        # Every process stops at the same step: at SIGTERM, or when a save failed (a full disk).
+        failure = run.checkpointer.failure()
+        preempted, failed = any_process(preemption.requested, failure is not None)
+        if failed:
+          raise failure or CheckpointWriteError(
+              "checkpoint: another process could not write its part of the checkpoint; "
+              f"stopping at step {done}")
+        if preempted:
           logging.warning("SIGTERM: checkpointing step %d and stopping", done)
           if pending is not None:
             last, pending = report(pending), None

@@ -48,8 +48,11 @@ class MetricsLog:
       rows, _ = self._read()
       self._rewrite([r for r in rows if (r["step"], _kind(r)) != key] + [row])
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a failed write or close does not name the file: name it
+      raise OSError(e.errno, e.strerror, e.filename or self.path) from e
     self._keys.add(key)
 
   def _read(self) -> tuple[list[dict[str, Any]], int]:
@@ -70,8 +73,13 @@ class MetricsLog:
 
   def _rewrite(self, rows: list[dict[str, Any]]) -> None:
     tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in rows)
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise OSError(e.errno, e.strerror, e.filename or tmp) from e
     os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
