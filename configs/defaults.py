@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.async_save = True
 
   config.log_every_steps = 100
+  # TensorBoard event files in the workdir. TensorFlow writes them, on gs:// through its own
+  # GCS client (which no emulator can stand in for: the gs:// tests turn this off).
+  config.tensorboard = True
   config.sample = ml_collections.ConfigDict()
   config.sample.every_steps = 10_000  # EMA sample grid to TensorBoard and samples/*.png.
   config.sample.classes = (88, 207, 279, 360, 387, 388, 417, 974)  # one grid row per class.

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dit_jax import fs
 from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess
 from dit_jax.models import DiT, model_from_config, stack_block_params, unstack_block_params
 
@@ -73,20 +73,20 @@ STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax writes it last: a step folder wi
 
 def _check_complete(manager: ocp.CheckpointManager, step: int) -> None:
   """Refuses a step folder that orbax never finished (it would log a warning of its own)."""
-  path = os.path.join(manager.directory, str(step))
-  if os.path.isdir(path) and not os.listdir(path):
+  path = fs.join(manager.directory, str(step))
+  if fs.is_dir(path) and not fs.listdir(path):
     raise ValueError("an empty folder")
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, STEP_METADATA)):
+  if fs.is_dir(path) and not fs.exists(fs.join(path, STEP_METADATA)):
     raise ValueError(f"no {STEP_METADATA}: a save that did not finish")
 
 
 def finished_steps(directory: str) -> list[int]:
   """The steps of `directory` whose save finished, as the disk has them (orbax's own list
   forgets a step it meant to rotate out as soon as a newer save starts, even one that fails)."""
-  if not os.path.isdir(directory):
+  if not fs.is_dir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.exists(os.path.join(directory, name, STEP_METADATA)))
+  return sorted(int(name) for name in fs.listdir(directory)
+                if name.isdigit() and fs.exists(fs.join(directory, name, STEP_METADATA)))
 
 
 def write_state(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
@@ -127,8 +127,8 @@ def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 
   """
   if process is None:
     process = dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=model.learn_sigma)
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory):
+  directory = fs.absolute(directory)
+  if fs.exists(directory) and fs.listdir(directory):
     raise FileExistsError(f"--out: {directory} already exists and is not empty; refusing to "
                           "overwrite it")
   config = saved_config(model, process, **(extra_config or {}))
@@ -142,9 +142,9 @@ def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 
 
 def _manager_dir(directory: str) -> str:
   """A convert output or a checkpoints folder as given; a training workdir's `checkpoints`."""
-  directory = os.path.abspath(directory)
-  nested = os.path.join(directory, "checkpoints")
-  return nested if os.path.isdir(nested) else directory
+  directory = fs.absolute(directory)
+  nested = fs.join(directory, "checkpoints")
+  return nested if fs.is_dir(nested) else directory
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
@@ -154,7 +154,7 @@ def _reader(directory: str) -> ocp.CheckpointManager:
   is a file of the step directory, not of each item), and with their handlers registered, so
   orbax can read an item's metadata and restore one item without the others.
   """
-  if not os.path.isdir(directory):
+  if not fs.is_dir(directory):
     raise FileNotFoundError(f"checkpoint: no directory {directory}")
   handlers = {item: ocp.PyTreeCheckpointHandler() for item in (PARAMS_ITEM, STATE_ITEM)}
   handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()

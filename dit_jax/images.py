@@ -6,13 +6,14 @@ that mapping is defined.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
-import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from dit_jax import fs
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -90,25 +91,22 @@ def make_grid(images: np.ndarray, rows: int, pad: int = 1, upscale: int = 1, *,
   return grid
 
 
-def save_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
-  """Writes a uint8 image as PNG without ever replacing an existing file.
-
-  The PNG is written to a temporary file in the destination directory and then hard-linked to
-  `path`; `os.link` fails atomically if `path` exists, so a concurrent writer cannot be
-  clobbered and a crash never leaves a partial file under the final name.
+def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
+  """Writes a uint8 image as PNG without ever replacing an existing file (`fs.write_bytes`: a
+  local path or a `gs://` URL; never half a file under the name).
 
   Args:
     path: destination; missing parent directories are created.
     image: uint8 `[height, width, channels]` with channels 1, 3 or 4, or `[height, width]`.
 
   Returns:
-    The path written, as a `pathlib.Path`.
+    The path written, as a string.
 
   Raises:
     FileExistsError: if `path` already exists (its content is left untouched).
     ValueError: on a wrong dtype or shape.
   """
-  path = pathlib.Path(path)
+  path = os.fspath(path)
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"image must be uint8 (see to_uint8), got dtype {image.dtype}")
@@ -117,23 +115,9 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
   if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
     raise ValueError(f"image must be [height, width, channels] with 1, 3 or 4 channels, "
                      f"got shape {image.shape}")
-  if path.exists():
+  if fs.exists(path):
     raise FileExistsError(f"refusing to overwrite existing file {path}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-
-  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    try:
-      with os.fdopen(fd, "wb") as f:
-        Image.fromarray(image).save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())  # Content on disk before the name appears.
-    except OSError as e:  # a failed write (a full disk) does not name the file: name it
-      raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
-    try:
-      os.link(tmp_name, path)
-    except FileExistsError:
-      raise FileExistsError(f"refusing to overwrite existing file {path}") from None
-  finally:
-    os.unlink(tmp_name)
+  encoded = io.BytesIO()
+  Image.fromarray(image).save(encoded, format="PNG")
+  fs.write_bytes(path, encoded.getvalue(), overwrite=False)
   return path

@@ -100,7 +100,7 @@ def test_save_png_round_trips_grayscale_and_rgb(tmp_path):
   rng = np.random.default_rng(0)
   gray = rng.integers(0, 256, size=(9, 13, 1), dtype=np.uint8)
   path = save_png(tmp_path / "nested" / "dir" / "gray.png", gray)
-  assert path == tmp_path / "nested" / "dir" / "gray.png"
+  assert path == str(tmp_path / "nested" / "dir" / "gray.png")
   with Image.open(path) as im:
     assert im.mode == "L"
     np.testing.assert_array_equal(np.asarray(im), gray[..., 0])

@@ -4,8 +4,6 @@ The format (items, saved config, process) is `dit_jax.checkpoints`'; this module
 writing: when to save, which steps to keep, background saves, preemption.
 """
 import logging
-import os
-import shutil
 import signal
 import threading
 from typing import Any, Optional
@@ -15,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dit_jax import checkpoints, cli
+from dit_jax import checkpoints, cli, fs
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
@@ -48,12 +46,12 @@ class Checkpointer:
 
   def _remove_unfinished_saves(self) -> None:
     """Deletes the temporary folders of saves that never finished (a killed run's)."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not fs.is_dir(self.directory):
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in fs.listdir(self.directory):
       if TMP_SUFFIX in name:
-        path = os.path.join(self.directory, name)
-        shutil.rmtree(path)
+        path = fs.join(self.directory, name)
+        fs.remove_tree(path)
         logging.warning("checkpoint: removed %s, the temporary folder of a save that did not "
                         "finish", path)
 
@@ -114,13 +112,13 @@ class Checkpointer:
     if not steps:
       return
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
-      os.makedirs(aside, exist_ok=True)
+      aside = fs.join(fs.path(self.directory).parent, UNREADABLE_DIR)
+      fs.makedirs(aside)
       for step in steps:
-        target = os.path.join(aside, str(step))
-        while os.path.exists(target):  # an earlier one of the same step
+        target = fs.join(aside, str(step))
+        while fs.exists(target):  # an earlier one of the same step
           target += "+"
-        os.rename(os.path.join(self.directory, str(step)), target)
+        fs.rename(fs.join(self.directory, str(step)), target)
         logging.warning("checkpoint: moved the unreadable step %d to %s; training resumes from "
                         "step %d", step, target, resumed)
     for step in steps:
@@ -144,7 +142,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (any failure: the save is lost)
       raise self._write_error(e) from e
     if saved:
-      logging.info("Checkpoint: %s", os.path.join(self.directory, str(step)))
+      logging.info("Checkpoint: %s", fs.join(self.directory, str(step)))
     return saved
 
   def failure(self) -> Optional[CheckpointWriteError]:
@@ -174,7 +172,7 @@ class Checkpointer:
     kept = (f"the last checkpoint is step {max(good)}" if good else
             "no checkpoint was written before it")
     return (f"checkpoint: could not write step {self._in_flight} to "
-            f"{os.path.join(self.directory, str(self._in_flight))} "
+            f"{fs.join(self.directory, str(self._in_flight))} "
             f"({checkpoints.reason(error)}); stopping; {kept}")
 
   def wait(self) -> None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from dit_jax import checkpoints as params_io
-from dit_jax import cli
+from dit_jax import cli, fs
 from dit_jax.data import InputPipeline, make_source, to_global
 from dit_jax.latents import LatentPipeline, LatentSource
 from dit_jax.diffusion import DiffusionProcess, create_diffusion
@@ -23,7 +23,7 @@ from dit_jax.train.checkpointing import (Checkpointer, CheckpointWriteError, Pre
                                          any_process)
 from dit_jax.train.step import train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
-from dit_jax.train.workdir_lock import WorkdirLock, lock_workdir
+from dit_jax.train.workdir_lock import LeaseLock, WorkdirLock, lock_workdir
 
 
 @dataclasses.dataclass
@@ -40,7 +40,7 @@ class Run:
   abstract_state: Any
   rng: jax.Array  # the train step's base key (each step folds in its number)
   init_rng: jax.Array
-  lock: Optional[WorkdirLock]  # the workdir's, held by process 0 for the whole run
+  lock: Optional[WorkdirLock | LeaseLock]  # the workdir's, held by process 0 for the whole run
   resumed_config: Optional[dict[str, Any]]  # the config item of the checkpoint resumed from
 
 
@@ -64,8 +64,8 @@ def setup(config: Any, workdir: str) -> Run:
   rules = shd.rules_from_config(config.axis_rules)
   check_batch_size(config.batch_size, mesh, rules)
   check_workdir(workdir)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  resuming = os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir))
+  checkpoint_dir = fs.join(workdir, "checkpoints")
+  resuming = fs.is_dir(checkpoint_dir) and any(n.isdigit() for n in fs.listdir(checkpoint_dir))
   if config.init_from and not resuming:  # a resumed run no longer reads init_from
     check_init_from(config.init_from, model, DiffusionProcess.from_config(config.diffusion))
   inputs = make_inputs(config, model)
@@ -113,7 +113,13 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> 
 
 
 def check_workdir(workdir: str) -> None:
-  """Refuses a workdir that is (under) a file or cannot be written; writes nothing."""
+  """Refuses a workdir that is (under) a file or cannot be written; writes nothing.
+
+  A Cloud Storage workdir is not checked here: its permissions show at the first write, the
+  workdir lock, before anything else is written.
+  """
+  if not fs.is_local(workdir):
+    return
   existing = workdir
   while not os.path.exists(existing):  # the workdir, or the ancestor that makedirs starts at
     existing = os.path.dirname(existing)
@@ -235,8 +241,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   Returns the last logged training metrics and the final evaluation, if any.
   """
-  # A filesystem path (local or a shared mount); orbax wants it absolute.
-  workdir = os.path.abspath(workdir)
+  # A local path (or a shared mount; orbax wants it absolute) or a gs:// URL.
+  workdir = fs.absolute(workdir)
   with cli.user_errors():  # setup only validates: its failures are the user's to fix
     run = setup(config, workdir)
   try:
@@ -332,7 +338,7 @@ def _check_finite(step: int, metrics: Any, checkpointer: Checkpointer) -> dict[s
     good = checkpointer.latest_step()
     kept = ("no checkpoint was written before it" if good is None else
             f"the last good checkpoint is step {good} "
-            f"({os.path.join(checkpointer.directory, str(good))})")
+            f"({fs.join(checkpointer.directory, str(good))})")
     raise FloatingPointError(f"non-finite {bad[0]} {values[bad[0]]} at step {step}: stopping; "
                              f"{kept}")
   return values

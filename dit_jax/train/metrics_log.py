@@ -2,14 +2,15 @@
 
 A run killed after its last checkpoint (kill -9, preemption, a crash) has logged rows for steps
 that its resumed run trains and logs again. On resume the rows after the checkpoint are dropped
-(the file is rewritten under a temporary name and renamed, so no row up to the checkpoint is
-ever lost, even if this process dies while rewriting), and a row whose (step, kind) is already
+(the file is rewritten whole, `fs.write_text`, so no row up to the checkpoint is ever lost, even
+if this process dies while rewriting), and a row whose (step, kind) is already
 there replaces it instead of repeating it (e.g. a finished run graded again).
 """
 import json
 import logging
-import os
 from typing import Any
+
+from dit_jax import fs
 
 FILENAME = "metrics.jsonl"
 
@@ -24,10 +25,10 @@ class MetricsLog:
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
     """Drops the rows after `resume_step` (the step the run starts from) left by earlier runs."""
-    self.path = os.path.join(workdir, FILENAME)
+    self.path = fs.join(workdir, FILENAME)
     self.enabled = enabled
     self._keys: set[tuple[int, str]] = set()
-    if not enabled or not os.path.exists(self.path):
+    if not enabled or not fs.exists(self.path):
       return
     rows, partial = self._read()
     kept = [row for row in rows if row["step"] <= resume_step]
@@ -48,38 +49,24 @@ class MetricsLog:
       rows, _ = self._read()
       self._rewrite([r for r in rows if (r["step"], _kind(r)) != key] + [row])
       return
-    try:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    except OSError as e:  # a failed write or close does not name the file: name it
-      raise OSError(e.errno, e.strerror, e.filename or self.path) from e
+    fs.append_text(self.path, json.dumps(row) + "\n")
     self._keys.add(key)
 
   def _read(self) -> tuple[list[dict[str, Any]], int]:
     """(rows, number of unreadable lines: a line cut short by a killed process)."""
     rows, partial = [], 0
-    with open(self.path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          partial += 1
-          continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-          rows.append(row)
-        else:
-          partial += 1
+    for line in fs.read_text(self.path).splitlines(keepends=True):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        partial += 1
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int):
+        rows.append(row)
+      else:
+        partial += 1
     return rows, partial
 
   def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    try:
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    except OSError as e:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise OSError(e.errno, e.strerror, e.filename or tmp) from e
-    os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
+    # Readers see the old file or the new one, never half of one.
+    fs.write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -4,7 +4,6 @@ Imports clu's writers, hence TensorFlow: the train step and model stay importabl
 """
 import json
 import logging
-import os
 import time
 from typing import Any, Optional
 
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview
 
-from dit_jax import generate
+from dit_jax import fs, generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
 from dit_jax.train.metrics_log import MetricsLog
@@ -61,8 +60,9 @@ class Reporter:
     self.decode = decode
     self.spec = generate.spec_from_config(config)
     self.is_chief = jax.process_index() == 0
-    self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-                   if self.is_chief else metric_writers.MultiWriter([]))
+    writers = [metric_writers.SummaryWriter(workdir)] if config.tensorboard else []
+    self.writer = (metric_writers.AsyncMultiWriter(writers) if self.is_chief and writers
+                   else metric_writers.MultiWriter([]))
     self._last_time, self._last_step = time.time(), start_step
     # Rows an earlier run logged after start_step (its last checkpoint) are dropped.
     self.metrics = MetricsLog(workdir, start_step, enabled=self.is_chief)
@@ -127,8 +127,8 @@ class Reporter:
     self.writer.write_images(step, {"samples": grid[None]})
     if not self.is_chief:
       return None
-    path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-    if os.path.exists(path):
+    path = fs.join(self.workdir, "samples", f"step_{step:07d}.png")
+    if fs.exists(path):
       logging.info("Samples: %s exists; not overwriting it", path)
       return path
     image_io.save_png(path, grid)
@@ -154,12 +154,10 @@ class Reporter:
                  step, results["eval/digits_accuracy"], results["eval/digits_frechet_distance"],
                  results["eval/num_samples"])
     if self.is_chief:
-      path = os.path.join(self.workdir, "eval", f"digits_step_{step:07d}.json")
-      if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-          json.dump({**results, "per_class_accuracy": list(map(float,
-                                                              grade["per_class_accuracy"]))}, f)
+      path = fs.join(self.workdir, "eval", f"digits_step_{step:07d}.json")
+      if not fs.exists(path):
+        per_class = list(map(float, grade["per_class_accuracy"]))
+        fs.write_text(path, json.dumps({**results, "per_class_accuracy": per_class}))
     return results
 
   def close(self) -> None:

@@ -14,18 +14,17 @@ which step, so the record of how each step range was trained survives checkpoint
 import datetime
 import json
 import logging
-import os
 from typing import Any, Optional
 
 import jax
 
-from dit_jax import checkpoints
+from dit_jax import checkpoints, fs
 from dit_jax.diffusion import DiffusionProcess
 
 # Keys (or sections) that do not change what is trained: changed without asking.
-FREE = ("num_steps", "log_every_steps", "checkpoint", "sample", "eval", "data.num_threads",
-        "data.prefetch", "mesh", "axis_rules", "model.scan_blocks", "model.remat_policy",
-        "model.attention_impl", "init_from", "resume_changes")
+FREE = ("num_steps", "log_every_steps", "tensorboard", "checkpoint", "sample", "eval",
+        "data.num_threads", "data.prefetch", "mesh", "axis_rules", "model.scan_blocks",
+        "model.remat_policy", "model.attention_impl", "init_from", "resume_changes")
 HISTORY = "config_history.jsonl"
 
 
@@ -93,11 +92,10 @@ def record(workdir: str, step: int, config: Any, saved: Optional[dict[str, Any]]
   """
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, HISTORY)
+  path = fs.join(workdir, HISTORY)
   rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  if fs.exists(path):
+    rows = [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
   new = run_config(config)
   lines = []
   if not rows and saved is not None and "run" in saved:
@@ -112,5 +110,4 @@ def record(workdir: str, step: int, config: Any, saved: Optional[dict[str, Any]]
                   "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "changes": changes, "config": new})
   if lines:
-    with open(path, "a") as f:
-      f.writelines(json.dumps(row) + "\n" for row in lines)
+    fs.append_text(path, "".join(json.dumps(row) + "\n" for row in lines))

@@ -1,0 +1,142 @@
+"""Files on local disks and on Cloud Storage (`gs://...`): every file this project writes or
+reads goes through here, on `etils.epath` (the path library orbax already uses).
+
+Local paths and URLs are both plain strings at the API (what flags and configs hold); `path()`
+turns one into an `epath.Path`. The guarantees, on both:
+  - `write_bytes`/`write_text` never leave half a file under the final name: locally the data
+    goes to a temporary name in the same folder (fsynced) and is renamed (or hard-linked, when
+    an existing file must not be replaced); a Cloud Storage object is replaced in one piece by
+    its upload, so it is written directly.
+  - `append_text` adds to a file; Cloud Storage objects cannot be appended to, so there the
+    object is read and written back whole (fine for logs of a few MB).
+  - A refused write (a full disk, a quota) raises OSError naming the file.
+With TensorFlow installed, epath reaches `gs://` through TensorFlow's GCS client, else through
+gcsfs; `EPATH_USE_TF=false` picks gcsfs (the tests do, to reach a local emulator).
+"""
+import os
+import uuid
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_local(name: PathLike) -> bool:
+  """Whether `name` is a local path rather than a URL (`gs://bucket/...`)."""
+  return "://" not in os.fspath(name)
+
+
+def absolute(name: PathLike) -> str:
+  """A local path made absolute (orbax wants that); a URL unchanged."""
+  name = os.fspath(name)
+  return os.path.abspath(name) if is_local(name) else name.rstrip("/")
+
+
+def path(name: PathLike) -> epath.Path:
+  return epath.Path(name)
+
+
+def join(name: PathLike, *parts: str) -> str:
+  """`name/part/...` as a string, for a local path or a URL."""
+  return os.fspath(epath.Path(name).joinpath(*parts))
+
+
+def exists(name: PathLike) -> bool:
+  return epath.Path(name).exists()
+
+
+def is_dir(name: PathLike) -> bool:
+  return epath.Path(name).is_dir()
+
+
+def listdir(name: PathLike) -> list[str]:
+  """The names in folder `name`, sorted."""
+  return sorted(p.name for p in epath.Path(name).iterdir())
+
+
+def makedirs(name: PathLike) -> None:
+  epath.Path(name).mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(name: PathLike) -> None:
+  epath.Path(name).rmtree()
+
+
+def rename(source: PathLike, target: PathLike) -> None:
+  """Moves a file or a folder (on Cloud Storage: a copy of each object, then its deletion)."""
+  epath.Path(source).rename(epath.Path(target))
+
+
+def read_bytes(name: PathLike) -> bytes:
+  return epath.Path(name).read_bytes()
+
+
+def read_text(name: PathLike) -> str:
+  return epath.Path(name).read_text()
+
+
+def _named(error: OSError, name: PathLike) -> OSError:
+  """`error`, naming the file (a failed `write` or `close` alone does not)."""
+  if error.filename:
+    return error
+  named = OSError(error.errno, error.strerror, os.fspath(name))
+  named.__cause__ = error
+  return named
+
+
+def write_bytes(name: PathLike, data: bytes, overwrite: bool = True) -> None:
+  """Writes `data` as the file `name`, whole or not at all (see the module docstring).
+
+  overwrite: False raises FileExistsError if `name` exists (locally atomic: of two writers,
+    exactly one wins; on Cloud Storage checked just before the upload).
+  """
+  if not is_local(name):
+    target = epath.Path(name)
+    if not overwrite and target.exists():
+      raise FileExistsError(f"refusing to overwrite existing file {name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
+  name = os.fspath(name)
+  folder = os.path.dirname(os.path.abspath(name))
+  os.makedirs(folder, exist_ok=True)
+  # Not mkstemp: its 0600 would become the file's mode; this one honours the umask.
+  tmp = os.path.join(folder, f".{os.path.basename(name)}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the content on disk before the name appears
+    except OSError as e:
+      raise _named(e, name) from e
+    if overwrite:
+      os.replace(tmp, name)
+    else:
+      try:
+        os.link(tmp, name)  # fails if `name` exists: never replaces another writer's file
+      except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite existing file {name}") from None
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def write_text(name: PathLike, text: str, overwrite: bool = True) -> None:
+  write_bytes(name, text.encode(), overwrite=overwrite)
+
+
+def append_text(name: PathLike, text: str) -> None:
+  """Adds `text` at the end of file `name` (created if missing)."""
+  if not is_local(name):
+    target = epath.Path(name)
+    old = target.read_bytes() if target.exists() else b""
+    target.write_bytes(old + text.encode())
+    return
+  try:
+    with open(name, "a") as f:
+      f.write(text)
+  except OSError as e:
+    raise _named(e, name) from e
