@@ -311,6 +311,64 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path,
   assert json.loads(lock_file.read_text()) == alive  # the refused run wrote nothing
 
 
+def check_lease_lock(workdir: str, monkeypatch, caplog) -> None:
+  """The lease protocol of gs:// workdirs (any path works: it only reads and writes files)."""
+  import json
+  import logging
+  import threading
+  import time
+  from dit_jax import fs
+  from dit_jax.train import workdir_lock
+  from dit_jax.train.workdir_lock import LeaseLock, WorkdirBusyError
+
+  monkeypatch.setattr(workdir_lock, "SETTLE_SECONDS", 0.3)
+  monkeypatch.setattr(workdir_lock, "RENEW_SECONDS", 0.2)
+  lock_file = fs.join(workdir, "run.lock")
+  held = LeaseLock(workdir)
+  first = json.loads(fs.read_text(lock_file))
+  assert first["token"] == held.holder["token"]
+  with pytest.raises(WorkdirBusyError, match=r"in use by another run \(host .*, renewed \d+ s "
+                     r"ago; a lock not renewed for 120 s is taken over\)"):
+    LeaseLock(workdir)
+  time.sleep(0.5)  # renewed in the background
+  assert json.loads(fs.read_text(lock_file))["renewed"] > first["renewed"]
+  held.release()
+  held.release()  # idempotent
+  assert fs.read_text(lock_file) == ""
+  with caplog.at_level(logging.WARNING):
+    LeaseLock(workdir).release()  # released properly: no warning
+  assert not caplog.records
+
+  stale = {**first, "renewed": time.time() - 121}  # a run that died two minutes ago
+  fs.write_text(lock_file, json.dumps(stale))
+  with caplog.at_level(logging.WARNING):
+    taken = LeaseLock(workdir)
+  assert any("taking over" in r.getMessage() and "stopped renewing it 121 s ago" in
+             r.getMessage() for r in caplog.records)
+  taken.release()
+
+  # Two runs starting together: exactly one holds the workdir.
+  outcomes = []
+  def start() -> None:
+    try:
+      outcomes.append(LeaseLock(workdir))
+    except WorkdirBusyError as e:
+      outcomes.append(e)
+  threads = [threading.Thread(target=start) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  winners = [o for o in outcomes if isinstance(o, LeaseLock)]
+  assert len(winners) == 1 and len(outcomes) == 2
+  assert json.loads(fs.read_text(lock_file))["token"] == winners[0].holder["token"]
+  winners[0].release()
+
+
+def test_lease_lock_on_a_local_folder(tmp_path, monkeypatch, caplog):
+  check_lease_lock(str(tmp_path / "run"), monkeypatch, caplog)
+
+
 def test_resume_with_a_changed_config(tmp_path, caplog):
   import json
   import logging
