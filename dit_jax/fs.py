@@ -13,9 +13,14 @@ turns one into an `epath.Path`. The guarantees, on both:
 With TensorFlow installed, epath reaches `gs://` through TensorFlow's GCS client, else through
 gcsfs; `EPATH_USE_TF=false` picks gcsfs (the tests do, to reach a local emulator).
 """
+import concurrent.futures
+import errno
+import hashlib
 import os
+import shutil
+import tempfile
 import uuid
-from typing import Union
+from typing import Optional, Sequence, Union
 
 from etils import epath
 
@@ -140,3 +145,89 @@ def append_text(name: PathLike, text: str) -> None:
       f.write(text)
   except OSError as e:
     raise _named(e, name) from e
+
+
+def size(name: PathLike) -> int:
+  """The size of file `name` in bytes."""
+  return int(epath.Path(name).stat().length)
+
+
+def remove(name: PathLike) -> None:
+  """Deletes file `name`."""
+  epath.Path(name).unlink()
+
+
+def remove_empty_dir(name: PathLike) -> None:
+  """Deletes folder `name` if it is empty, else raises OSError (ENOTEMPTY): never deletes a file
+  its caller does not know of. A Cloud Storage folder is only the prefix of its objects: it is
+  gone with the last one, so there is nothing left to delete."""
+  if is_local(name):
+    os.rmdir(name)
+  elif is_dir(name) and listdir(name):
+    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), os.fspath(name))
+
+
+def copy_file(source: PathLike, target: PathLike, overwrite: bool = True) -> None:
+  """Copies file `source` to `target` (each a local path or a URL) as `write_bytes` writes: whole
+  or not at all. Through memory, so for files up to a few hundred MB (a latent chunk, a VAE)."""
+  data = read_bytes(source)
+  write_bytes(target, data, overwrite=overwrite)
+  if size(target) != len(data):  # a short upload must not pass for a copy
+    raise OSError(errno.EIO, f"copied {len(data)} bytes but {size(target)} arrived",
+                  os.fspath(target))
+
+
+def move_to(local: str, target: PathLike) -> None:
+  """Moves the finished local file `local` to `target`, whole or not at all: renamed when
+  `target` is on the same local file system, else copied (`copy_file`) and deleted. For files
+  that a library writes only locally (ArrayRecord's writer) but that belong on Cloud Storage."""
+  if is_local(target):
+    try:
+      os.replace(local, target)
+      return
+    except OSError as e:
+      if e.errno != errno.EXDEV:
+        raise
+  copy_file(local, target)
+  os.unlink(local)
+
+
+def cache_dir(name: PathLike, root: Optional[str] = None, version: str = "") -> str:
+  """The local folder for copies of the files of URL `name`: `root` (default: a `dit_jax_cache`
+  folder in the system's temporary directory) / `<last part of the URL>-<hash>`, the hash of the
+  URL and `version` (what tells two contents of one URL apart), so that two URLs never share a
+  copy and the same URL finds its copy again."""
+  name = absolute(name)
+  root = root or os.path.join(tempfile.gettempdir(), "dit_jax_cache")
+  digest = hashlib.sha256(f"{name}\n{version}".encode()).hexdigest()[:16]
+  return os.path.join(root, f"{os.path.basename(name) or 'root'}-{digest}")
+
+
+def copy_to_local(folder: PathLike, names: Sequence[str], local_dir: str,
+                  num_threads: int = 8) -> list[str]:
+  """Makes `local_dir` hold the files `names` of `folder` (for readers that open only local
+  files, e.g. ArrayRecord's C++ reader); returns the names it copied (none: all were there).
+
+  A file already in `local_dir` with the original's size is kept (a complete copy is reused);
+  any other is copied (`copy_file`: to a temporary name, renamed, its size checked). Every
+  process copies what it lacks itself: processes of one host sharing `local_dir` are safe, as
+  each rename puts a whole file. Raises OSError (ENOSPC) before copying anything when the local
+  disk lacks the room.
+  """
+  os.makedirs(local_dir, exist_ok=True)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    sizes = dict(zip(names, pool.map(lambda n: size(join(folder, n)), names)))
+
+    def present(name: str) -> bool:
+      local = os.path.join(local_dir, name)
+      return os.path.isfile(local) and os.path.getsize(local) == sizes[name]
+
+    todo = [name for name in names if not present(name)]
+    needed = sum(sizes[name] for name in todo)
+    free = shutil.disk_usage(local_dir).free
+    if needed > free:
+      raise OSError(errno.ENOSPC, f"copying {folder} needs {needed / 1e9:.1f} GB, "
+                    f"{free / 1e9:.1f} GB are free", local_dir)
+    # list(): waits for every copy and raises the first copy's error.
+    list(pool.map(lambda n: copy_file(join(folder, n), os.path.join(local_dir, n)), todo))
+  return todo
