@@ -2,6 +2,8 @@
 
   python sample.py --checkpoint runs/digits --out digits.png              # a grid, one row a class
   python sample.py --checkpoint runs/digits --num_samples 50000 --npz samples.npz   # for FID
+
+Every path (--checkpoint, --out, --singles_dir, --npz, --vae) may be a gs:// URL.
 """
 import logging
 
@@ -35,18 +37,15 @@ flags.mark_flag_as_required("checkpoint")
 
 def main(argv):
   logs.setup()  # first: before TensorFlow or JAX log anything
-  import os
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   if not (FLAGS.out or FLAGS.npz):
     raise cli.UserError("nothing to do: give --out (a grid) and/or --npz with --num_samples")
   for flag, path in (("--out", FLAGS.out), ("--npz", FLAGS.npz)):
-    if path and os.path.exists(path):
-      raise cli.UserError(f"{flag}: {path} already exists; refusing to overwrite it")
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-      raise cli.UserError(f"{flag}: no directory {os.path.dirname(os.path.abspath(path))}")
+    if path:
+      cli.check_new_output(flag, path)
   import jax
-  from dit_jax import checkpoints, generate, images
+  from dit_jax import checkpoints, fs, generate, images
 
   # Not a checkpoint, no such step, or none that reads (unreadable steps are reported, skipped).
   with cli.user_errors(FileNotFoundError, ValueError), \
@@ -65,7 +64,8 @@ def main(argv):
       raise cli.UserError(f"--num_steps: {FLAGS.num_steps} is not in [1, "
                           f"{process.diffusion_steps}], the steps of the model's process")
   pixel_space = model.in_channels in (1, 3)
-  decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
+  with cli.user_errors(FileNotFoundError, ValueError):  # no such VAE folder, or not a VAE
+    decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
       process=process, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
       cfg_scale=FLAGS.cfg_scale,
@@ -79,7 +79,7 @@ def main(argv):
     if jax.process_index() == 0:
       images.save_png(FLAGS.out, grid)
       for i, image in enumerate(pixels if FLAGS.singles_dir else []):
-        images.save_png(os.path.join(FLAGS.singles_dir, f"{i:05d}.png"), image)
+        images.save_png(fs.join(FLAGS.singles_dir, f"{i:05d}.png"), image)
       logging.info("wrote %s", FLAGS.out)
   if FLAGS.npz:
     generate.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,

@@ -73,6 +73,24 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     raise UserError(str(e) or type(e).__name__) from e
 
 
+def check_new_output(flag: str, path: str) -> None:
+  """A `UserError` unless `path` (a local path or a `gs://` URL) can become a new output file:
+  it must not exist (outputs are never overwritten), and its local folder, or its bucket, must.
+  (A Cloud Storage folder is only a prefix: it needs no creating.)"""
+  from dit_jax import fs  # pylint: disable=import-outside-toplevel
+  if fs.exists(path):
+    raise UserError(f"{flag}: {path} already exists; refusing to overwrite it")
+  if fs.is_local(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+      raise UserError(f"{flag}: no directory {folder}")
+    return
+  scheme, rest = path.split("://", 1)
+  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  if not fs.exists(bucket):
+    raise UserError(f"{flag}: no bucket {bucket} (or no access to it)")
+
+
 def import_torch(what: str) -> Any:
   """torch, or a user error saying how to install it (requirements.txt leaves it out)."""
   try:

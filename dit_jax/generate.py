@@ -1,14 +1,15 @@
 """Sample grids and large-scale sample generation (ADM-evaluator `.npz`), resumable in chunks."""
 import dataclasses
 import functools
+import io
 import math
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dit_jax import fs
 from dit_jax import images as image_io
 from dit_jax.diffusion import DiffusionProcess
 from dit_jax.models import DiT
@@ -153,46 +154,54 @@ def generate_npz(model: DiT, params: Any, spec: SamplingSpec, num_samples: int, 
   `arr_0`: uint8 [N, H, W, 3]; `arr_1`: int labels [N]. Work is done in chunks of `batch_size`
   (sharded over every device); chunk i depends only on (seed, i), and each finished chunk is
   written to `<out_path>.parts/`, so an interrupted run resumes where it stopped without
-  duplicated or missing samples. An existing `out_path` is never overwritten.
+  duplicated or missing samples. An existing `out_path` is never overwritten. `out_path` may be
+  a local path or a `gs://` URL (`dit_jax.fs`), its parts beside it.
   """
-  if os.path.exists(out_path):
+  if fs.exists(out_path):
     raise FileExistsError(f"--npz: {out_path} already exists; refusing to overwrite it")
   if num_samples <= 0:
     raise ValueError(f"--num_samples: must be positive, got {num_samples}")
   parts_dir = out_path + ".parts"
-  os.makedirs(parts_dir, exist_ok=True)
+  fs.makedirs(parts_dir)
   num_chunks = math.ceil(num_samples / batch_size)
   sample = _sample_fn(model, spec, batch_size)
   base = jax.random.key(spec.seed)
   bar = _progress(num_samples, progress)
   for i in range(num_chunks):
-    part = os.path.join(parts_dir, f"part_{i:06d}.npz")
-    if not os.path.exists(part):
+    if not fs.exists(_part_path(parts_dir, i)):
       rng = jax.random.fold_in(base, i)
       # Uniformly random classes, as the official sample_ddp.py draws them.
       labels = np.asarray(jax.random.randint(jax.random.fold_in(rng, 0), (batch_size,), 0,
                                              model.num_classes), np.int32)
       images = to_images(np.asarray(sample(params, labels, jax.random.fold_in(rng, 1))), decode)
       if jax.process_index() == 0:
-        _atomic_savez(part, images=images, labels=labels)
+        _write_npz(_part_path(parts_dir, i), images=images, labels=labels)
     bar.update(min(batch_size, num_samples - i * batch_size))
   bar.close()
   if jax.process_index() == 0:
-    parts = [np.load(os.path.join(parts_dir, f"part_{i:06d}.npz")) for i in range(num_chunks)]
-    images = np.concatenate([p["images"] for p in parts])[:num_samples]
-    labels = np.concatenate([p["labels"] for p in parts])[:num_samples]
-    _atomic_savez(out_path, arr_0=images, arr_1=labels)
+    images, labels = [], []
+    for i in range(num_chunks):  # each part's file bytes freed before the next is read
+      with np.load(io.BytesIO(fs.read_bytes(_part_path(parts_dir, i)))) as part:
+        images.append(part["images"])
+        labels.append(part["labels"])
+    _write_npz(out_path, overwrite=False, arr_0=np.concatenate(images)[:num_samples],
+               arr_1=np.concatenate(labels)[:num_samples])
     if not keep_parts:
       for i in range(num_chunks):
-        os.remove(os.path.join(parts_dir, f"part_{i:06d}.npz"))
-      os.rmdir(parts_dir)
+        fs.remove(_part_path(parts_dir, i))
+      fs.remove_empty_dir(parts_dir)
   return out_path
 
 
-def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # readers never see a half-written file
+def _part_path(parts_dir: str, chunk: int) -> str:
+  return fs.join(parts_dir, f"part_{chunk:06d}.npz")
+
+
+def _write_npz(path: str, overwrite: bool = True, **arrays: np.ndarray) -> None:
+  """`np.savez` through `fs.write_bytes`: readers never see half a file, locally or on GCS."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  fs.write_bytes(path, buffer.getbuffer(), overwrite=overwrite)
 
 
 class _NoBar:
