@@ -9,7 +9,10 @@ else statistics computed from `arr_0`; precision/recall need `arr_0`), a folder 
 (center-cropped to the samples' size), or `tfds:NAME[:SPLIT]` (a prepared array_record dataset).
 `digits` scores with a classifier of scikit-learn's real digits instead of Inception (accuracy
 against `arr_1` and a Fréchet distance in the classifier's features).
+
+--samples, --ref (an .npz), --inception and --out may be gs:// URLs.
 """
+import contextlib
 import json
 import os
 import zipfile
@@ -17,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from dit_jax import cli
+from dit_jax import cli, fs
 from dit_jax.eval.fid_metrics import inception_score, precision_recall
 from dit_jax.eval.frechet import frechet_distance, gaussian_stats
 
@@ -36,19 +39,23 @@ def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   return images, labels
 
 
-def _open_npz(path: str, flag: str) -> Any:
-  """np.load of an .npz, with one-line errors for a missing, truncated or foreign file."""
-  if not os.path.isfile(path):
+@contextlib.contextmanager
+def _open_npz(path: str, flag: str) -> Iterator[Any]:
+  """np.load of an .npz (a local path or a URL, its members read as they are asked for), with
+  one-line errors for a missing, truncated or foreign file."""
+  if not fs.exists(path) or fs.is_dir(path):
     raise FileNotFoundError(f"{flag}: no such file {path}")
-  try:
-    data = np.load(path)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    # numpy's own message would advise allow_pickle, unsafe for a file of unknown origin.
-    raise ValueError(f"{flag}: {path} is not a readable .npz file (truncated, damaged or "
-                     "another format)") from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"{flag}: {path} is a single .npy array, not an .npz")
-  return data
+  with fs.path(path).open("rb") as f:
+    try:
+      data = np.load(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      # numpy's own message would advise allow_pickle, unsafe for a file of unknown origin.
+      raise ValueError(f"{flag}: {path} is not a readable .npz file (truncated, damaged or "
+                       "another format)") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError(f"{flag}: {path} is a single .npy array, not an .npz")
+    with data:
+      yield data
 
 
 def _read(data: Any, key: str, path: str) -> Optional[np.ndarray]:
@@ -74,10 +81,10 @@ def reference_images(ref: str, image_size: int) -> np.ndarray:
   if ref.startswith("tfds:"):
     name, _, split = ref[len("tfds:"):].partition(":")
     source = make_source({"name": name, "split": split or "train", "channels": 3})
-  elif os.path.isdir(ref):
+  elif fs.is_local(ref) and os.path.isdir(ref):
     source = make_source({"name": "folder", "folder": ref})
-  else:
-    raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a folder nor tfds:NAME")
+  else:  # image folders are read locally only (the folder source lists them with os.walk)
+    raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a local folder nor tfds:NAME")
   return np.stack([center_crop_arr(source.get(i)[0], image_size) for i in range(len(source))])
 
 
@@ -144,10 +151,8 @@ def _main(argv: Any) -> None:
   parser.add_argument("--batch_size", type=int, default=BATCH, help="Inception batch size")
   args = parser.parse_args(argv)
   with cli.user_errors(ValueError, OSError):
-    if args.out and os.path.exists(args.out):
-      raise FileExistsError(f"--out: {args.out} already exists; refusing to overwrite it")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-      raise FileNotFoundError(f"--out: no directory {os.path.dirname(os.path.abspath(args.out))}")
+    if args.out:
+      cli.check_new_output("--out", args.out)
     samples, labels = load_samples(args.samples)
     if args.ref == "digits":
       results = evaluate_digits(samples, labels)
@@ -161,8 +166,8 @@ def _main(argv: Any) -> None:
     print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else
           f"{name:<{width}}  {value}")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
+    with cli.user_errors(FileExistsError), cli.write_errors():  # a file that appeared meanwhile
+      fs.write_text(args.out, json.dumps(results, indent=2), overwrite=False)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The weights file is `pt_inception-2015-12-05-6726825d.pth` from pytorch-fid's GitHub release
 (`FID_WEIGHTS_URL`). Nothing is downloaded here: the user fetches the file once and passes its
-local path. torch is imported only to read the file.
+path (local, or a gs:// URL). torch is imported only to read the file.
 
 Key mapping (module paths are the same on both sides, `.` in torch, nesting in Flax):
 
@@ -14,8 +14,8 @@ Key mapping (module paths are the same on both sides, `.` in torch, nesting in F
 """
 from __future__ import annotations
 
+import io
 import os
-import pathlib
 from collections.abc import Mapping
 
 import flax.traverse_util
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import cli
+from dit_jax import cli, fs
 from dit_jax.eval.inception import FidInceptionV3
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -116,7 +116,7 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
   """Reads `pt_inception-2015-12-05-6726825d.pth` and converts it (see `convert_state_dict`).
 
   Args:
-    path: local path of the pytorch-fid weights file.
+    path: the pytorch-fid weights file, a local path or a URL.
 
   Returns:
     `{"params": ..., "batch_stats": ...}` for `FidInceptionV3().apply`.
@@ -125,14 +125,15 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
     FileNotFoundError: the file does not exist (it is never downloaded automatically).
     ValueError: the file is not a state_dict of the FID InceptionV3.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = os.fspath(path)
+  if not fs.exists(path) or fs.is_dir(path):
     raise FileNotFoundError(
-        f"FID Inception weights not found at {str(path)!r}. Download {FID_WEIGHTS_FILE} "
-        f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its local path; "
-        "nothing is downloaded automatically.")
+        f"FID Inception weights not found at {path!r}. Download {FID_WEIGHTS_FILE} "
+        f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its path (local or "
+        "gs://); nothing is downloaded automatically.")
   torch = cli.import_torch(f"{path}: reading the .pth weights")  # only this needs torch.
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  state_dict = torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu",
+                          weights_only=True)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
   return convert_state_dict(state_dict)
