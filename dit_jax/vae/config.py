@@ -1,8 +1,9 @@
 """The settings of diffusers' `AutoencoderKL`, read from its `config.json`."""
 import dataclasses
 import json
-import os
 from typing import Any, Optional
+
+from dit_jax import fs
 
 # Block types this port implements; diffusers' AutoencoderKL uses only these two.
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
@@ -89,11 +90,10 @@ class VAEConfig:
 
   @classmethod
   def from_json(cls, path: str) -> "VAEConfig":
-    """Reads a diffusers `config.json` (a file, or a folder holding one)."""
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    """Reads a diffusers `config.json` (a file, or a folder holding one; local or a URL)."""
+    if fs.is_dir(path):
+      path = fs.join(path, "config.json")
+    return cls.from_dict(json.loads(fs.read_text(path)))
 
   def to_dict(self) -> dict[str, Any]:
     """The diffusers `config.json` contents (with `_class_name`)."""

@@ -8,15 +8,15 @@ name the attention projections either `to_q/to_k/to_v/to_out.0` (diffusers >= 0.
 `query/key/value/proj_attn` (older), the latter sometimes stored as 1x1 conv weights
 [out, in, 1, 1]; all are accepted.
 """
+import io
 import json
-import os
 import re
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from dit_jax import cli, param_tree
+from dit_jax import cli, fs, param_tree
 from dit_jax.vae.config import VAEConfig
 from dit_jax.vae.model import AutoencoderKL
 from dit_jax.vae.safetensors import read_safetensors, write_safetensors
@@ -125,7 +125,7 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
   # Only .bin files need torch; the released .safetensors files don't.
   torch = cli.import_torch(f"{path}: reading a .bin (torch pickle) file, unlike "
                            f"{SAFETENSORS_NAME},")
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  state = torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu", weights_only=True)
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
   out = {}
@@ -138,9 +138,9 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
 
 def _resolve_folder(folder: str) -> str:
   """The folder holding config.json: `folder` itself or, for a whole pipeline, `folder/vae`."""
-  if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-      os.path.join(folder, "vae", "config.json")):
-    return os.path.join(folder, "vae")
+  if not fs.exists(fs.join(folder, "config.json")) and fs.exists(
+      fs.join(folder, "vae", "config.json")):
+    return fs.join(folder, "vae")
   return folder
 
 
@@ -150,30 +150,30 @@ def load_diffusers_vae(folder: str,
 
   Args:
     folder: holds `config.json` and `diffusion_pytorch_model[.variant].safetensors` (preferred)
-      or `.bin`; a pipeline folder with a `vae/` subfolder works too.
+      or `.bin`; a pipeline folder with a `vae/` subfolder works too. A local path or a URL
+      (`gs://...`, read through `dit_jax.fs`).
     variant: diffusers' file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.*`.
   Returns:
     (config, params): params are float32 numpy arrays for `AutoencoderKL(config)`.
   """
   folder = _resolve_folder(folder)
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = fs.join(folder, "config.json")
+  if not fs.exists(config_path):
     raise FileNotFoundError(f"{folder}: no config.json (not a diffusers model folder)")
   config = VAEConfig.from_json(config_path)
   infix = f".{variant}" if variant else ""
   names = [n.replace(".", f"{infix}.", 1) for n in (SAFETENSORS_NAME, BIN_NAME)]
   for name, reader in zip(names, (read_safetensors, read_torch_bin)):
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
+    path = fs.join(folder, name)
+    if fs.exists(path):
       return config, from_diffusers_state_dict(reader(path), config, source=path)
   raise FileNotFoundError(f"{folder}: has neither {names[0]} nor {names[1]}")
 
 
 def save_diffusers_vae(folder: str, config: VAEConfig, params: dict[str, Any],
                        dtype: str = "F32") -> None:
-  """Writes `config.json` and `diffusion_pytorch_model.safetensors` that diffusers loads."""
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-  write_safetensors(os.path.join(folder, SAFETENSORS_NAME),
+  """Writes `config.json` and `diffusion_pytorch_model.safetensors` that diffusers loads (into a
+  local folder or a URL)."""
+  fs.write_text(fs.join(folder, "config.json"), json.dumps(config.to_dict(), indent=2))
+  write_safetensors(fs.join(folder, SAFETENSORS_NAME),
                     to_diffusers_state_dict(params, config), dtype=dtype)

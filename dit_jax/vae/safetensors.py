@@ -5,11 +5,12 @@ name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data 
 the header; an optional "__metadata__" entry holds strings), then the raw little-endian data.
 """
 import json
-import os
 import struct
 from typing import Optional
 
 import numpy as np
+
+from dit_jax import fs
 
 # safetensors dtype -> numpy storage dtype (little-endian). BF16 is stored as its raw 16 bits.
 _STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -32,27 +33,30 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads every tensor of a .safetensors file as float32 numpy arrays (F64/F32/F16/BF16).
+  """Reads every tensor of a .safetensors file (a local path or a URL) as float32 numpy arrays
+  (F64/F32/F16/BF16).
 
   Raises:
     ValueError: a malformed file, or a dtype other than the float ones above.
   """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    prefix = f.read(8)
-    if len(prefix) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-    (header_len,) = struct.unpack("<Q", prefix)
-    if header_len > min(_HEADER_LIMIT, size - 8):
-      raise ValueError(f"{path}: header length {header_len} exceeds the file ({size} bytes)")
-    try:
-      header = json.loads(f.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: unreadable safetensors header: {e}") from e
-  data_start = 8 + header_len
-  # A memory map reads only what is needed and copies each tensor once.
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start,
-                   shape=(size - data_start,)) if size > data_start else np.zeros(0, np.uint8)
+  # A local file is memory-mapped (only what is needed is read, each tensor copied once); a
+  # URL's file is read whole into memory.
+  if fs.is_local(path):
+    size = fs.size(path)
+    contents = np.memmap(path, np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+  else:
+    contents = np.frombuffer(fs.read_bytes(path), np.uint8)
+    size = contents.size
+  if size < 8:
+    raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+  (header_len,) = struct.unpack("<Q", contents[:8].tobytes())
+  if header_len > min(_HEADER_LIMIT, size - 8):
+    raise ValueError(f"{path}: header length {header_len} exceeds the file ({size} bytes)")
+  try:
+    header = json.loads(contents[8:8 + header_len].tobytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable safetensors header: {e}") from e
+  data = contents[8 + header_len:]
   tensors = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -71,13 +75,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                         offset=begin).reshape(shape)
     array = bf16_bits_to_float32(raw) if dtype == "BF16" else raw.astype(np.float32)
     tensors[name] = array
-  del data
+  del data, contents
   return tensors
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32",
                       metadata: Optional[dict[str, str]] = None) -> None:
-  """Writes float arrays to a .safetensors file, all stored as `dtype` (F32, F16 or BF16)."""
+  """Writes float arrays to a .safetensors file (a local path or a URL; `fs.write_bytes`: whole
+  or not at all), all stored as `dtype` (F32, F16 or BF16)."""
   if dtype not in ("F32", "F16", "BF16"):
     raise ValueError(f"write_safetensors: unsupported dtype {dtype}")
   header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -94,8 +99,4 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F
     offset += len(blob)
   encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
   encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment.
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    for blob in blobs:
-      f.write(blob)
+  fs.write_bytes(path, b"".join([struct.pack("<Q", len(encoded)), encoded] + blobs))
