@@ -1,8 +1,10 @@
-"""Shared test setup: float32 at full matmul precision, the reference fixtures, the open guard."""
+"""Shared test setup: float32 at full matmul precision, the reference fixtures, the open guard,
+a GCS emulator for gs:// paths."""
 import os
 import pathlib
 import sys
 import tempfile
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 _GUARD_DIR = ROOT / "tests" / "open_guard"
 sys.path.insert(0, str(_GUARD_DIR))
 import open_guard  # noqa: E402  pylint: disable=wrong-import-position
+from gcs_emulator import Emulator, forget_clients, start_emulator, use_emulator  # noqa: E402
 
 _GUARD_LOG = os.path.join(tempfile.mkdtemp(prefix="dit_open_guard_"), "outside_opens.log")
 os.environ[open_guard.LOG_ENV] = _GUARD_LOG
@@ -43,6 +46,22 @@ def no_reads_outside_checkout(request):
   if outside:
     pytest.fail(f"{request.node.nodeid} opened paths outside the checkout: {outside[:5]}",
                 pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> Iterator[Emulator]:
+  """A local Google Cloud Storage emulator (tests/gcs_emulator.py), started once when asked."""
+  emulator = start_emulator(tmp_path_factory.mktemp("gcs_emulator"))
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch) -> Iterator[str]:
+  """'gs://<a new empty bucket>'; gs:// here and in the test's subprocesses is the emulator's."""
+  use_emulator(monkeypatch, gcs_emulator)
+  yield gcs_emulator.create_bucket()
+  forget_clients()  # the clients' caches hold the emulator's settings; monkeypatch undoes the rest
 
 
 def fixture_path(*parts: str) -> pathlib.Path:
