@@ -27,6 +27,19 @@ from etils import epath
 PathLike = Union[str, os.PathLike]
 
 
+def _no_listing_cache() -> None:
+  """gcsfs caches folder listings per process and refreshes them only on its own writes; orbax
+  writes checkpoints through tensorstore, so a cached listing would miss the newest steps."""
+  try:
+    import fsspec  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
 def is_local(name: PathLike) -> bool:
   """Whether `name` is a local path rather than a URL (`gs://bucket/...`)."""
   return "://" not in os.fspath(name)

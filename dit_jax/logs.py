@@ -29,7 +29,9 @@ import tempfile
 import warnings
 from typing import Any, Callable, Optional
 
-LIBRARY_LOGGERS = ("absl", "jax", "tensorflow")
+# absl (orbax, clu, tfds, grain log through it), JAX, TensorFlow, and the Cloud Storage clients
+# of gs:// paths (fsspec logs a line per file it opens).
+LIBRARY_LOGGERS = ("absl", "jax", "tensorflow", "fsspec", "gcsfs", "google")
 # An absl C++ INFO line (`I0000 00:00:1795745603.357494 3130 port.cc:153] ...`) and the notice
 # abseil prints before its first line when nothing initialized its logging.
 _CPP_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] ")

@@ -172,7 +172,12 @@ def _tail(path: pathlib.Path, lines: int = 30) -> str:
 
 
 def _serve(port: int) -> None:
-  """Runs the emulator in memory on 127.0.0.1:`port` until terminated, with objects.move added.
+  """Runs the emulator in memory on 127.0.0.1:`port` until terminated, with objects.move added
+  and the generation headers of a download.
+
+  tensorstore (orbax's arrays) reads an object's generation from the `x-goog-generation` header
+  of its download, as GCS sends it; the emulator leaves it out, and a read of an existing OCDBT
+  manifest then fails with "Malformed StorageGeneration" (whenever a save reads one back).
 
   gcsfs renames with objects.move (POST .../o/SRC/moveTo/o/DST), which the emulator lacks: it
   answers 501, which gcsfs retries for about 30 s before it copies and deletes instead. Here
@@ -195,9 +200,24 @@ def _serve(port: int) -> None:
     objects._delete(storage, bucket, source)
     response.json(moved)
 
+  original_download = objects.download
+
+  def download(request, response, storage, *args, **kwargs) -> None:
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = obj["generation"]
+      response["x-goog-metageneration"] = obj["metageneration"]
+    except NotFound:
+      pass  # the download answers 404 itself
+    original_download(request, response, storage, *args, **kwargs)
+
+  objects.download = download  # objects.get (alt=media) calls it by this name
+  handlers = tuple((regex, {method: download if handler is original_download else handler
+                            for method, handler in methods.items()})
+                   for regex, methods in server.HANDLERS)
   route = (rf"^{server.settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/"
            r"(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
-  server.HANDLERS = ((route, {server.POST: move}),) + tuple(server.HANDLERS)
+  server.HANDLERS = ((route, {server.POST: move}),) + handlers
   threading.Thread(target=_exit_with_parent, daemon=True).start()
   server.create_server("127.0.0.1", port, in_memory=True).run()
 
