@@ -38,12 +38,36 @@ def make_mesh(axis_names: Sequence[str], axis_sizes: Sequence[int],
                        devices=devices)
 
 
-def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
-  """Config rules ([[logical, mesh axis or None or [axes]], ...]) as a tuple of pairs."""
+def rules_from_config(rules: Any, mesh_axes: Sequence[str] | None = None
+                      ) -> tuple[tuple[str, Any], ...]:
+  """Config rules ([[logical, mesh axis or None or [axes]], ...]) as a tuple of pairs, checked.
+
+  Every logical axis of the model and the batch axis needs exactly one rule, and every rule
+  must name one of them (a typo would otherwise replicate a tensor without a word); with
+  `mesh_axes`, the mesh axes the rules map to must exist.
+  """
+  from dit_jax.models import LOGICAL_AXES  # pylint: disable=import-outside-toplevel
+  known = (BATCH_AXIS,) + tuple(LOGICAL_AXES)
   out = []
   for pair in rules:
-    logical, mesh_axes = pair
-    out.append((logical, tuple(mesh_axes) if isinstance(mesh_axes, (list, tuple)) else mesh_axes))
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      raise ValueError(f"config.axis_rules: {pair!r} is not a (logical axis, mesh axes) pair")
+    logical, mesh = pair
+    if logical not in known:
+      raise ValueError(f"config.axis_rules: unknown logical axis {logical!r}; the model's axes "
+                       f"are {', '.join(known)}")
+    if logical in dict(out):
+      raise ValueError(f"config.axis_rules: logical axis {logical!r} has two rules")
+    mesh = tuple(mesh) if isinstance(mesh, (list, tuple)) else mesh
+    for axis in (mesh if isinstance(mesh, tuple) else (mesh,)):
+      if axis is not None and mesh_axes is not None and axis not in mesh_axes:
+        raise ValueError(f"config.axis_rules: {logical!r} maps to {axis!r}, which is not a mesh "
+                         f"axis ({', '.join(mesh_axes)})")
+    out.append((logical, mesh))
+  missing = [axis for axis in known if axis not in dict(out)]
+  if missing:
+    raise ValueError(f"config.axis_rules: no rule for the logical axes {', '.join(missing)} "
+                     "(map each to a mesh axis, or to None to replicate it)")
   return tuple(out)
 
 
