@@ -4,7 +4,8 @@
       --vae checkpoints/sd-vae-ft-ema --out latents/imagenet256 [--batch_size 64] \
       [--dtype float16] [--config.data.data_dir=...]
 
-The config's `data` section picks the dataset and `data.image_size` the crop. Interrupted? Run
+The config's `data` section picks the dataset and `data.image_size` the crop; --vae and --out
+may be gs:// URLs (each chunk is written locally, then uploaded whole). Interrupted? Run
 the same command again: finished chunks are skipped. Multi-host: run it on every host (with
 the distributed flags, or DIT_DISTRIBUTED=auto). The library is `dit_jax.latents.extraction`.
 """

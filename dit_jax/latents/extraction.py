@@ -7,8 +7,9 @@ pixel-space training with an online VAE would.
 
 Work is split in fixed chunks of `chunk_size` examples. Process `p` of `P` encodes the chunks `k`
 with `k % P == p` on a 1-D mesh of its local devices (the batch sharded over them), and writes
-each finished chunk atomically; a rerun skips the chunks that exist, so an interrupted run
-resumes by running the same command again. Processes never wait for each other before the end,
+each finished chunk whole or not at all (to a local disk or to Cloud Storage: `_write_chunk`); a
+rerun skips the chunks that exist, so an interrupted run resumes by running the same command
+again. Processes never wait for each other before the end,
 which is why each has its own mesh: one mesh over every host's devices would make all hosts
 step in lockstep, and they have different numbers of chunks left after an interruption.
 
@@ -33,6 +34,7 @@ from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dit_jax import fs
 from dit_jax.data import preprocess
 from dit_jax.data.sources import Source, make_source
 from dit_jax.latents import records
@@ -69,7 +71,7 @@ def params_fingerprint(params: Any) -> str:
 
 def check_not_complete(out_dir: str) -> None:
   """Raises FileExistsError when `out_dir` already holds a complete latent dataset."""
-  if os.path.exists(os.path.join(out_dir, records.METADATA_NAME)):
+  if fs.exists(fs.join(out_dir, records.METADATA_NAME)):
     raise FileExistsError(
         f"{out_dir} already holds a complete latent dataset ({records.METADATA_NAME} exists); "
         "refusing to overwrite it. Delete the directory or choose another --out.")
@@ -82,10 +84,10 @@ def _jsonable(obj: Any) -> Any:
 def _prepare_plan(out_dir: str, requested: dict[str, Any]) -> dict[str, Any]:
   """Writes `plan.json` on the first run; on a rerun checks the settings agree and adopts the
   existing chunk size (chunk files are only meaningful with the size they were cut with)."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, records.PLAN_NAME)
-  if not os.path.exists(path):
-    records.write_json_atomic(path, requested)
+  fs.makedirs(out_dir)
+  path = fs.join(out_dir, records.PLAN_NAME)
+  if not fs.exists(path):
+    records.write_json(path, requested)
     return requested
   existing = records.read_json(path)
   differences = [key for key in _PLAN_IDENTITY if existing.get(key) != requested.get(key)]
@@ -159,16 +161,25 @@ def _prefetched(pool: concurrent.futures.Executor, load: Callable[[int], Any],
 
 
 def _write_chunk(out_dir: str, chunk: int, chunk_records: Sequence[bytes]) -> None:
-  """Writes a chunk under a temporary name, then renames: a chunk file is whole or absent."""
-  path = records.chunk_path(out_dir, chunk)
-  tmp = path + ".tmp"
+  """Writes a chunk whole or not at all. ArrayRecord's writer opens only local files, so it
+  writes a temporary file (beside the chunk, or for a `gs://` out_dir in a local folder) that
+  `fs.move_to` renames or uploads."""
+  local_dir = out_dir if fs.is_local(out_dir) else fs.cache_dir(out_dir)
+  os.makedirs(local_dir, exist_ok=True)
+  tmp = os.path.join(local_dir, records.chunk_name(chunk) + ".tmp")
   if os.path.exists(tmp):
     os.remove(tmp)  # left by an interrupted run.
   writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
   for record in chunk_records:
     writer.write(record)
   writer.close()
-  os.replace(tmp, path)
+  fs.move_to(tmp, records.chunk_path(out_dir, chunk))
+
+
+def _existing(out_dir: str, chunks: Sequence[int]) -> list[int]:
+  """The chunks of `chunks` whose files exist (one listing: one request on Cloud Storage)."""
+  names = set(fs.listdir(out_dir)) if fs.is_dir(out_dir) else set()
+  return [k for k in chunks if records.chunk_name(k) in names]
 
 
 def _barrier(name: str) -> None:
@@ -187,7 +198,8 @@ def extract_latents(source: Source, out_dir: str, *, vae_config: VAEConfig, vae_
 
   Args:
     source: the images (`dit_jax.data.make_source`).
-    out_dir: the latent directory; created if needed; an unfinished one is resumed.
+    out_dir: the latent directory (a local path or a `gs://` URL); created if needed; an
+      unfinished one is resumed.
     vae_config, vae_params: the VAE (`dit_jax.vae.load_diffusers_vae`).
     image_size: side of the center crop, as in training (`config.data.image_size`).
     batch_size: images per encoder call on this process (a multiple of the local devices);
@@ -242,7 +254,7 @@ def extract_latents(source: Source, out_dir: str, *, vae_config: VAEConfig, vae_
   chunk_size = plan["chunk_size"]
   total_chunks = records.num_chunks(num_examples, chunk_size)
   mine = [k for k in range(total_chunks) if k % process_count == process_index]
-  skipped = [k for k in mine if os.path.exists(records.chunk_path(out_dir, k))]
+  skipped = _existing(out_dir, mine)
   todo = sorted(set(mine) - set(skipped))
   if skipped:
     logger.info("%s: %d of this process's %d chunks exist, skipping them", out_dir,
@@ -257,15 +269,14 @@ def extract_latents(source: Source, out_dir: str, *, vae_config: VAEConfig, vae_
 
   _barrier("dit_jax_latents_chunks_written")
   if process_index == 0:
-    missing = [k for k in range(total_chunks)
-               if not os.path.exists(records.chunk_path(out_dir, k))]
+    missing = sorted(set(range(total_chunks)) - set(_existing(out_dir, range(total_chunks))))
     if missing:
       logger.warning("%s: %d chunks are still missing (other processes' share?); "
                      "metadata.json not written", out_dir, len(missing))
     else:
-      records.write_json_atomic(os.path.join(out_dir, records.METADATA_NAME), plan)
+      records.write_json(fs.join(out_dir, records.METADATA_NAME), plan)
   _barrier("dit_jax_latents_metadata_written")
-  complete = os.path.exists(os.path.join(out_dir, records.METADATA_NAME))
+  complete = fs.exists(fs.join(out_dir, records.METADATA_NAME))
   return ExtractionResult(out_dir, tuple(todo), tuple(skipped), complete)
 
 

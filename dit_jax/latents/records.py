@@ -1,6 +1,6 @@
 """On-disk format of a pre-extracted latent dataset: file names, metadata, the record layout.
 
-A latent directory holds
+A latent directory (a local folder or a `gs://` URL: `LatentSource` says how one is read) holds
 
   latents-000000.array_record, latents-000001.array_record, ...
       chunk `k` holds examples `[k * chunk_size, min((k + 1) * chunk_size, num_examples))`,
@@ -21,10 +21,11 @@ already clamped to [-30, 20]). `h, w, c` are metadata "latent_shape". Any reader
 ArrayRecordDataSource, numpy) parses a record with two `np.frombuffer` calls.
 """
 import json
-import os
 from typing import Any
 
 import numpy as np
+
+from dit_jax import fs
 
 FORMAT = "dit_jax.latents/v1"
 METADATA_NAME = "metadata.json"
@@ -100,20 +101,20 @@ def num_chunks(num_examples: int, chunk_size: int) -> int:
   return -(-num_examples // chunk_size)
 
 
+def chunk_name(chunk: int) -> str:
+  """The file name of chunk `chunk`: `latents-{chunk:06d}.array_record`."""
+  return f"latents-{chunk:06d}.array_record"
+
+
 def chunk_path(directory: str, chunk: int) -> str:
   """The file of chunk `chunk`: `directory/latents-{chunk:06d}.array_record`."""
-  return os.path.join(directory, f"latents-{chunk:06d}.array_record")
+  return fs.join(directory, chunk_name(chunk))
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary name, then renames: readers never see half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON through `fs.write_text`: readers never see half a file (locally or on GCS)."""
+  fs.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))

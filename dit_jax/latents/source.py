@@ -1,4 +1,7 @@
 """A pre-extracted latent directory read by index, like the image sources of `dit_jax.data`."""
+import hashlib
+import json
+import logging
 import os
 import threading
 from typing import Any
@@ -6,8 +9,14 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from dit_jax import fs
 from dit_jax.latents import records
 from dit_jax.vae import VAEConfig
+
+logger = logging.getLogger(__name__)
+
+# The local folder under which a `gs://` latent directory is copied (see `LatentSource`).
+CACHE_ENV = "DIT_LATENTS_CACHE"
 
 
 class LatentSource:
@@ -15,23 +24,32 @@ class LatentSource:
 
   Readers are opened lazily, one per chunk file, and shared by all threads (ArrayRecord readers
   are thread-safe; grain shares them the same way). Use as a context manager or call `close()`.
+
+  A `gs://` directory is copied to a local folder first, as ArrayRecord's reader opens only local
+  files: every process copies it to its own disk (training reads every chunk in random order).
+  The folder is `cache_dir`, else $DIT_LATENTS_CACHE, else `dit_jax_cache` in the system's
+  temporary directory, each holding one folder per URL and metadata (`fs.cache_dir`: a
+  re-extraction into the same URL gets a new one). A complete copy is reused, and a partial one
+  completed (`fs.copy_to_local`).
   """
 
-  def __init__(self, directory: str | os.PathLike[str]):
-    """Opens `directory/metadata.json` and checks that every chunk file exists.
+  def __init__(self, directory: str | os.PathLike[str], cache_dir: str | None = None):
+    """Opens `directory/metadata.json`, checks that every chunk file exists, and copies a
+    `gs://` directory to `cache_dir` (see the class docstring).
 
     Raises:
       FileNotFoundError: the directory, its metadata or a chunk file is missing (the message
         names the directory and the command that creates or finishes it).
+      OSError: the local copy of a `gs://` directory does not fit on the disk (ENOSPC).
     """
     directory = os.fspath(directory)
     self.directory = directory
     command = records.EXTRACT_COMMAND.format(directory=directory)
-    if not os.path.isdir(directory):
+    if not fs.is_dir(directory):
       raise FileNotFoundError(
           f"latent directory {directory!r} does not exist. Create it with:\n    {command}")
-    metadata_path = os.path.join(directory, records.METADATA_NAME)
-    if not os.path.exists(metadata_path):
+    metadata_path = fs.join(directory, records.METADATA_NAME)
+    if not fs.exists(metadata_path):
       raise FileNotFoundError(
           f"latent directory {directory!r} is incomplete (no {records.METADATA_NAME}: the "
           f"extraction was interrupted or is still running). Finish it by rerunning the same "
@@ -52,13 +70,17 @@ class LatentSource:
     self.scaling_factor = float(metadata["scaling_factor"])
     self.shift_factor: float | None = metadata.get("shift_factor")
     self.num_chunks = records.num_chunks(self.num_examples, self.chunk_size)
-    missing = [records.chunk_path(directory, k) for k in range(self.num_chunks)
-               if not os.path.exists(records.chunk_path(directory, k))]
+    names = [records.chunk_name(k) for k in range(self.num_chunks)]
+    present = set(fs.listdir(directory))  # one listing: one request on Cloud Storage
+    missing = [fs.join(directory, name) for name in names if name not in present]
     if missing:
       raise FileNotFoundError(
           f"latent directory {directory!r} lacks {len(missing)} of its {self.num_chunks} chunk "
           f"files (first: {missing[0]}). Delete {records.METADATA_NAME} and rerun the "
           f"extraction to rebuild them:\n    {command}")
+    # Where the chunk files are read: the directory itself, or a local copy of a URL's.
+    self.local_dir = directory if fs.is_local(directory) else _local_copy(
+        directory, names, metadata, cache_dir)
     self._readers: list[Any] = [None] * self.num_chunks
     self._lock = threading.Lock()
 
@@ -77,7 +99,7 @@ class LatentSource:
         reader = self._readers[chunk]
         if reader is None:
           reader = array_record_module.ArrayRecordReader(
-              records.chunk_path(self.directory, chunk), records.READER_OPTIONS)
+              records.chunk_path(self.local_dir, chunk), records.READER_OPTIONS)
           self._readers[chunk] = reader
     return reader
 
@@ -110,3 +132,20 @@ class LatentSource:
 
   def __exit__(self, *exc_info: Any) -> None:
     self.close()
+
+
+def _local_copy(directory: str, names: list[str], metadata: dict[str, Any],
+                cache_dir: str | None) -> str:
+  """A local folder holding the chunk files `names` of the `gs://` latent directory."""
+  # A re-extraction into the same URL (other metadata) is another copy.
+  version = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+  local = fs.cache_dir(directory, cache_dir or os.environ.get(CACHE_ENV), version)
+  logger.info("latents: ArrayRecord reads only local files: copying %s to %s (files already "
+               "there are kept)", directory, local)
+  copied = fs.copy_to_local(directory, names, local)
+  if copied:
+    logger.info("latents: copied %d of the %d chunk files of %s to %s", len(copied),
+                 len(names), directory, local)
+  else:
+    logger.info("latents: reusing the complete local copy of %s in %s", directory, local)
+  return local
