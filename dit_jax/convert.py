@@ -9,14 +9,15 @@ Command line (writes an orbax checkpoint with the params and the model config):
       --out checkpoints/dit_xl2_256
 and the reverse:
   python -m dit_jax.convert --from-checkpoint checkpoints/dit_xl2_256 --torch-out out.pt
+Every path (--torch, --out, --from-checkpoint, --torch-out) may be a gs:// URL.
 """
-import os
+import io
 import re
 from typing import Any, Callable
 
 import numpy as np
 
-from dit_jax import cli, param_tree
+from dit_jax import cli, fs, param_tree
 from dit_jax.models import (DiT, abstract_params, create_model, stack_block_params,
                             unstack_block_params)
 from dit_jax.models.layers import pos_embed_2d
@@ -68,16 +69,17 @@ def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
   import argparse as _argparse  # the train.py checkpoints pickle an argparse.Namespace.
   torch = cli.import_torch("--torch: reading a PyTorch checkpoint")
 
-  if not os.path.isfile(path):
+  if not fs.exists(path) or fs.is_dir(path):
     raise FileNotFoundError(f"--torch: no such file {path}")
+  data = fs.read_bytes(path)
   try:
     with torch.serialization.safe_globals([_argparse.Namespace]):
-      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+      checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
   # torch reports a foreign or damaged file with many types (UnpicklingError, EOFError, KeyError,
   # RuntimeError, ...), and its message advises weights_only=False: unsafe for a file of unknown
   # origin, and never needed for weights. Say what the file is not instead.
   except Exception as e:  # pylint: disable=broad-except
-    empty = " (it is empty)" if os.path.getsize(path) == 0 else ""
+    empty = " (it is empty)" if not data else ""
     raise ValueError(f"--torch: {path} is not a PyTorch checkpoint{empty}: expected a "
                      "state_dict or an official train.py checkpoint saved with torch.save") from e
   if not isinstance(checkpoint, dict):
@@ -170,13 +172,16 @@ def to_torch_state_dict(params: dict[str, Any], model: DiT) -> dict[str, np.ndar
 
 
 def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None:
-  """Writes a state_dict that the official `DiT.load_state_dict(strict=True)` accepts."""
+  """Writes a state_dict that the official `DiT.load_state_dict(strict=True)` accepts (to a local
+  path or a URL; `fs.write_bytes`: whole or not at all, never over an existing file)."""
   torch = cli.import_torch("--torch-out: writing a PyTorch checkpoint")
 
-  if os.path.exists(path):
+  if fs.exists(path):
     raise FileExistsError(f"--torch-out: {path} already exists; refusing to overwrite it")
   state = {k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(params, model).items()}
-  torch.save(state, path)
+  buffer = io.BytesIO()
+  torch.save(state, buffer)
+  fs.write_bytes(path, buffer.getbuffer(), overwrite=False)
 
 
 def main(argv: Any = None) -> None:
@@ -209,8 +214,7 @@ def _convert(parser: cli.ArgumentParser, args: Any) -> None:
   if args.from_checkpoint:
     if not args.torch_out:
       parser.error("--from-checkpoint needs --torch-out")
-    if os.path.exists(args.torch_out):
-      parser.error(f"--torch-out: {args.torch_out} already exists; refusing to overwrite it")
+    cli.check_new_output("--torch-out", args.torch_out)
     model, params = checkpoints.load_params(args.from_checkpoint)
     save_torch_checkpoint(params, model, args.torch_out)
     print(f"wrote {args.torch_out}")
@@ -219,8 +223,8 @@ def _convert(parser: cli.ArgumentParser, args: Any) -> None:
     parser.error("import needs --torch, --model and --out")
   if args.image_size % 8:
     parser.error(f"--image-size: {args.image_size} is not a multiple of 8 (the VAE factor)")
-  out = os.path.abspath(args.out)
-  if os.path.exists(out) and os.listdir(out):
+  out = fs.absolute(args.out)
+  if fs.exists(out) and (not fs.is_dir(out) or fs.listdir(out)):
     parser.error(f"--out: {out} already exists and is not empty; refusing to overwrite it")
   model = create_model(args.model, input_size=args.image_size // 8,
                        num_classes=args.num_classes, in_channels=args.in_channels,
@@ -229,7 +233,7 @@ def _convert(parser: cli.ArgumentParser, args: Any) -> None:
                                             ("num_heads", args.num_heads)) if v is not None})
   params = load_torch_checkpoint(args.torch, model, use_ema=not args.use_model_weights)
   checkpoints.save_params(out, params, model, extra_config={
-      "source": os.path.abspath(args.torch), "variant": args.model,
+      "source": fs.absolute(args.torch), "variant": args.model,
       "image_size": args.image_size})
   print(f"wrote {out} ({args.model}, {args.image_size} px)")
 
