@@ -13,6 +13,10 @@ Safe to rerun: a prepared dataset is reported and left alone; tfds builds into a
 `incomplete.*` folder renamed at the end, so an interrupted run leaves nothing that could be
 read, and the next run removes that folder and starts the build again (tfds cannot resume one).
 The tars are checked before anything is written or TensorFlow is imported.
+
+DATA_DIR (and --manual_dir) may be gs:// URLs: tfds reads and writes them through TensorFlow.
+There, no lock keeps a second preparation of the same dataset out (Cloud Storage has no
+flock): run one at a time.
 """
 import contextlib
 import difflib
@@ -26,7 +30,7 @@ import tarfile
 import time
 from typing import Any, Iterator, Optional, Sequence
 
-from dit_jax import cli
+from dit_jax import cli, fs
 from dit_jax.data.tfds_source import default_data_dir
 
 # The files tfds's imagenet2012 builder reads from its manual_dir, and what their members look
@@ -43,7 +47,7 @@ LOCK_NAME = ".prepare.lock"
 
 def manual_dir_of(data_dir: str) -> str:
   """tfds's default manual_dir: `DATA_DIR/downloads/manual`."""
-  return os.path.join(data_dir, "downloads", "manual")
+  return fs.join(data_dir, "downloads", "manual")
 
 
 def is_imagenet(name: str) -> bool:
@@ -57,17 +61,17 @@ def check_imagenet_tars(manual_dir: str) -> None:
   Reads only the first member header of each tar (cheap even for the 138 GB train tar).
   """
   names = [name for name, _, _ in IMAGENET_TARS]
-  missing = [name for name in names if not os.path.isfile(os.path.join(manual_dir, name))]
+  missing = [name for name in names if not fs.exists(fs.join(manual_dir, name))]
   if missing:
-    what = ("no such folder" if not os.path.isdir(manual_dir) else
+    what = ("no such folder" if not fs.is_dir(manual_dir) else
             "both are missing" if len(missing) == 2 else f"{missing[0]} is missing")
     raise cli.UserError(
         f"{IMAGENET} needs {' and '.join(names)} in {manual_dir} ({what}): download them from "
         f"{IMAGENET_URL} (registration needed) and put them there, or pass --manual_dir DIR")
   for name, member_pattern, example in IMAGENET_TARS:
-    path = os.path.join(manual_dir, name)
+    path = fs.join(manual_dir, name)
     try:
-      with tarfile.open(path, "r:") as tar:
+      with fs.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         first = tar.next()
     except (tarfile.TarError, OSError) as e:
       raise cli.UserError(f"{path} is not a readable tar file (an incomplete download?): "
@@ -81,8 +85,11 @@ def check_imagenet_tars(manual_dir: str) -> None:
 def check_free_space(data_dir: str, manual_dir: str) -> None:
   """A `UserError` unless `data_dir`'s disk has room for ImageNet's records: about the tars'
   size, as they hold the tars' JPEG bytes unchanged (tfds cannot check: it does not know
-  imagenet2012's size; the temporary shuffle buckets are deleted as the shards are written)."""
-  needed = sum(os.path.getsize(os.path.join(manual_dir, name)) for name, _, _ in IMAGENET_TARS)
+  imagenet2012's size; the temporary shuffle buckets are deleted as the shards are written).
+  A Cloud Storage data_dir has no disk to fill: nothing to check."""
+  if not fs.is_local(data_dir):
+    return
+  needed = sum(fs.size(fs.join(manual_dir, name)) for name, _, _ in IMAGENET_TARS)
   existing = data_dir
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -94,7 +101,11 @@ def check_free_space(data_dir: str, manual_dir: str) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(directory: str) -> Iterator[None]:
-  """Holds `directory/.prepare.lock`: a second preparation of the same dataset is refused."""
+  """Holds `directory/.prepare.lock`: a second preparation of the same dataset is refused
+  (on a local disk; Cloud Storage has no flock, see the module docstring)."""
+  if not fs.is_local(directory):
+    yield
+    return
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, LOCK_NAME), "a+") as f:
     try:
@@ -110,12 +121,12 @@ def exclusive_lock(directory: str) -> Iterator[None]:
 
 def remove_incomplete(dataset_dir: str, version: str) -> list[str]:
   """Deletes the `incomplete.<random suffix>_<version>` folders of interrupted runs (hold the lock)."""
-  if not os.path.isdir(dataset_dir):
+  if not fs.is_dir(dataset_dir):
     return []
-  stale = sorted(os.path.join(dataset_dir, name) for name in os.listdir(dataset_dir)
-                 if re.fullmatch(rf"incomplete\.\w+_{re.escape(version)}", name))
+  stale = [fs.join(dataset_dir, name) for name in fs.listdir(dataset_dir)
+           if re.fullmatch(rf"incomplete\.\w+_{re.escape(version)}", name)]
   for path in stale:
-    shutil.rmtree(path)
+    fs.remove_tree(path)
   return stale
 
 
@@ -147,6 +158,8 @@ def _splits(builder: Any) -> str:
 
 
 def _size(path: str) -> str:
+  if not fs.is_local(path):
+    return "size not counted on Cloud Storage"
   total = sum(os.path.getsize(os.path.join(root, f))
               for root, _, files in os.walk(path) for f in files)
   return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.2f} MB"
@@ -168,8 +181,8 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
   with cli.user_errors(ValueError, AssertionError):  # a config or version it does not have
     builder = tfds.builder(name, data_dir=data_dir)
   # (tfds's is_prepared() warns about a folder that does not exist yet: look first.)
-  info_file = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
-  if os.path.isfile(info_file) and builder.is_prepared():
+  info_file = fs.join(os.fspath(builder.data_dir), "dataset_info.json")
+  if fs.exists(info_file) and builder.is_prepared():
     stored = getattr(builder.info.file_format, "value", builder.info.file_format)
     if stored not in (FILE_FORMAT, "parquet"):
       raise cli.UserError(
@@ -179,7 +192,7 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
           f"{_splits(builder)}; nothing to do", file=sys.stderr)
     return builder
   manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-  if manual and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+  if manual and not (fs.is_dir(manual_dir) and fs.listdir(manual_dir)):
     raise cli.UserError(f"{name} needs a manual download in {manual_dir}, which is missing or "
                         f"empty. tfds says: {manual}")
   if imagenet:
@@ -190,7 +203,7 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
       print(f"removed {path}, left by an interrupted run", file=sys.stderr)
     source = f"from {manual_dir}" if manual else "(tfds downloads it)"
     print(f"preparing {name} {builder.version} in {builder.data_dir} {source}", file=sys.stderr)
-    if imagenet and not os.path.exists(os.path.join(manual_dir, IMAGENET_TEST_TAR)):
+    if imagenet and not fs.exists(fs.join(manual_dir, IMAGENET_TEST_TAR)):
       print(f"no {IMAGENET_TEST_TAR} there: no test split (it is unlabelled; DiT does not use "
             f"it)", file=sys.stderr)
     if manual:  # tfds prints "Downloading and preparing dataset Unknown size ...": ours say it
@@ -230,9 +243,9 @@ def _main(argv: Optional[Sequence[str]]) -> None:
   args = parser.parse_args(argv)
   from dit_jax import logs  # pylint: disable=g-import-not-at-top
   logs.setup(verbose=args.verbose)
-  data_dir = os.path.abspath(os.path.expanduser(args.data_dir or default_data_dir()))
-  manual_dir = os.path.abspath(os.path.expanduser(args.manual_dir)) if args.manual_dir else None
-  if manual_dir and not os.path.isdir(manual_dir):
+  data_dir = fs.absolute(os.path.expanduser(args.data_dir or default_data_dir()))
+  manual_dir = fs.absolute(os.path.expanduser(args.manual_dir)) if args.manual_dir else None
+  if manual_dir and not fs.is_dir(manual_dir):
     raise cli.UserError(f"--manual_dir: no directory {manual_dir}")
   check_name(args.name)  # these two are fast: before TensorFlow loads
   if is_imagenet(args.name):
