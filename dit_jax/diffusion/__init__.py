@@ -8,7 +8,8 @@ from dit_jax.diffusion.gaussian_diffusion import (
     create_diffusion,
     spaced_diffusion,
 )
-from dit_jax.diffusion.process import OFFICIAL_PROCESS, DiffusionProcess
+from dit_jax.diffusion.process import (OFFICIAL_PROCESS, DiffusionProcess, Process,
+                                       process_from_config)
 from dit_jax.diffusion.losses import (
     approx_standard_normal_cdf,
     continuous_gaussian_log_likelihood,
@@ -27,6 +28,7 @@ __all__ = [
     "DiffusionProcess",
     "OFFICIAL_PROCESS",
     "GaussianDiffusion",
+    "Process",
     "LossType",
     "ModelMeanType",
     "ModelVarType",
@@ -39,6 +41,7 @@ __all__ = [
     "get_named_beta_schedule",
     "mean_flat",
     "normal_kl",
+    "process_from_config",
     "respace_betas",
     "space_timesteps",
     "spaced_diffusion",

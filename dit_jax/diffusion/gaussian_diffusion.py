@@ -313,6 +313,15 @@ class GaussianDiffusion:
     terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
     return terms
 
+  def loss_terms(self, model_fn: ModelFn, x_start: jax.Array, rng: jax.Array,
+                 model_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
+    """`training_losses` at t uniform over this process's steps, with fresh noise (as the
+    official train.py draws them): `t_rng, noise_rng = jax.random.split(rng)`."""
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.randint(t_rng, (x_start.shape[0],), 0, self.num_timesteps)
+    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    return self.training_losses(model_fn, x_start, t, model_kwargs, noise=noise)
+
   # The samplers live in sampling.py (file size); as methods they read like the reference's.
   p_sample = sampling.p_sample
   p_sample_loop = sampling.p_sample_loop

@@ -1,4 +1,12 @@
-"""The diffusion process a model was trained for: what its checkpoint records, what sampling uses.
+"""The process a model is trained for: its training objective, what checkpoints record, what
+sampling uses.
+
+`Process` is the seam between a generative process and the rest of the code. The train step
+knows only `loss_terms` (the process draws its own times and noise), the checkpoints only
+`to_dict` and `describe`, and sampling takes the process a checkpoint records. `DiffusionProcess`
+(the official Gaussian diffusion, `GaussianDiffusion` doing the work) is the one implementation;
+flow matching (continuous t in [0, 1], velocity prediction) is meant to be another, built by
+`process_from_config` from its own settings.
 
 A model's outputs mean something only under its process: the noise schedule and number of steps
 define the timesteps it was trained on, `predict_xstart` whether it outputs x_0 or eps,
@@ -7,19 +15,64 @@ without any error, so checkpoints record it (`dit_jax.checkpoints`) and samplers
 there; a sampler's own respacing (`--num_steps`) applies on top of it.
 """
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Protocol
 
-from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
+import jax
+
+from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn, create_diffusion
+
+
+class Process(Protocol):
+  """A generative process as training, checkpoints and sampling see it.
+
+  Implementations are frozen dataclasses: hashable (a static argument of jitted functions, a
+  cache key) and comparable (a checkpoint's process against a config's).
+  """
+
+  @property
+  def learn_sigma(self) -> bool:
+    """Whether the model outputs variance values after its prediction (2x channels)."""
+
+  def loss_terms(self, model_fn: ModelFn, x0: jax.Array, rng: jax.Array,
+                 model_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
+    """Per-example training terms, each `[batch]`, "loss" (the one minimised) among them.
+
+    The process draws its own times and noise from `rng` and calls `model_fn(x_t, t,
+    **model_kwargs)`; what t is (integer steps, continuous times) is its own business. The
+    other terms (e.g. "mse", "vb") are parts of the loss, logged as they come.
+
+    Args:
+      model_fn: the model, `model_fn(x [batch, H, W, C], t [batch], **model_kwargs)`.
+      x0: `[batch, H, W, C]` clean data (pixels in [-1, 1] or scaled latents).
+      rng: a PRNG key; the same key gives the same terms.
+      model_kwargs: the model's other inputs (`{"y": labels}`).
+    """
+
+  def to_dict(self) -> dict[str, Any]:
+    """What checkpoints record (JSON); `process_from_config` reads it back."""
+
+  def describe(self) -> str:
+    """One line for messages: `linear schedule, 1000 steps, eps prediction, learned sigma`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionProcess:
-  """The settings of `config.diffusion` that sampling must match (the loss ones aside)."""
+  """The official Gaussian diffusion: the settings of `config.diffusion`.
+
+  The first five fields are those sampling must match. `use_kl` and `rescale_learned_sigmas`
+  only choose the loss (the hybrid MSE + VB loss by default, see
+  `GaussianDiffusion.training_losses`): sampling does not depend on them, so checkpoints do not
+  record them (the run config has them) and processes that differ only in them are equal.
+  """
   noise_schedule: str = "linear"  # or "squaredcos_cap_v2"
   diffusion_steps: int = 1000
   learn_sigma: bool = True  # the second half of the model's output: variance values
   sigma_small: bool = False  # a fixed variance: the posterior's (True) or beta (False)
   predict_xstart: bool = False  # the model predicts x_0 (else the noise eps)
+  # Loss only (compare=False: not recorded, not compared).
+  use_kl: bool = dataclasses.field(default=False, compare=False)  # the VLB alone (RESCALED_KL)
+  # The VB term times diffusion_steps / 1000 (RESCALED_MSE).
+  rescale_learned_sigmas: bool = dataclasses.field(default=False, compare=False)
 
   @classmethod
   def from_config(cls, settings: Mapping[str, Any]) -> "DiffusionProcess":
@@ -30,11 +83,17 @@ class DiffusionProcess:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The recorded fields: all but the loss-only ones."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
 
   def diffusion(self, timestep_respacing: str = "") -> GaussianDiffusion:
     """The process, respaced (`"250"`, `"ddim50"`; empty: every step) for sampling."""
-    return create_diffusion(timestep_respacing, **self.to_dict())
+    return create_diffusion(timestep_respacing, **dataclasses.asdict(self))
+
+  def loss_terms(self, model_fn: ModelFn, x0: jax.Array, rng: jax.Array,
+                 model_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, jax.Array]:
+    """`GaussianDiffusion.loss_terms` of the unspaced process: t uniform over every step."""
+    return self.diffusion().loss_terms(model_fn, x0, rng, model_kwargs)
 
   def describe(self) -> str:
     """`linear schedule, 1000 steps, eps prediction, learned sigma`."""
@@ -43,6 +102,19 @@ class DiffusionProcess:
     target = "x0" if self.predict_xstart else "eps"
     return (f"{self.noise_schedule} schedule, {self.diffusion_steps} steps, {target} "
             f"prediction, {sigma}")
+
+
+def process_from_config(settings: Mapping[str, Any]) -> Process:
+  """The process a training config describes (`config.diffusion`).
+
+  Training draws t from every step of the process: a respacing belongs to sampling
+  (`config.sample.num_steps`), so `timestep_respacing` must stay empty.
+  """
+  respacing = settings.get("timestep_respacing") or ""
+  if respacing:
+    raise ValueError(f"config.diffusion.timestep_respacing: {respacing!r}, but training uses "
+                     "every step of the process; samplers respace it (config.sample.num_steps)")
+  return DiffusionProcess.from_config(settings)
 
 
 # facebookresearch/DiT's process, which every released checkpoint was trained with.
