@@ -15,7 +15,8 @@ import types
 import jax
 import jax.numpy as jnp
 
-from dit_jax.diffusion import create_diffusion
+from dit_jax.diffusion import OFFICIAL_PROCESS
+from dit_jax.latents.posterior import latents_from_moments
 from dit_jax.models import create_model
 from dit_jax.train import state as state_lib
 from dit_jax.train.step import train_step
@@ -54,19 +55,25 @@ def main() -> None:
                                     eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
   tx, schedule = state_lib.make_optimizer(optimizer)
   common = dict(model=model, tx=tx, lr_schedule=schedule, ema_decay=0.9999,
-                diffusion=create_diffusion(""))
+                process=OFFICIAL_PROCESS)
   rng = jax.random.key(1)
   labels = jnp.arange(args.batch) % 1000
   images = jax.random.uniform(rng, (args.batch, args.image_size, args.image_size, 3),
                               minval=-1, maxval=1)
   moments = jax.random.normal(rng, (args.batch, latent, latent, 8))
   results = {}
-  for name, batch, step_kwargs, vp in (
-      ("stored latents", {"moments": moments, "labels": labels},
-       dict(latent_scale=vae_config.scaling_factor), None),
-      ("on-the-fly VAE encoding", {"images": images, "labels": labels}, dict(vae=vae),
-       vae_params)):
-    step = jax.jit(functools.partial(train_step, **common, **step_kwargs), donate_argnums=0)
+  # The x0 of LatentPipeline and of InputPipeline with the VAE as its encoder.
+  def from_moments(batch, rng, frozen):
+    del frozen
+    return latents_from_moments(batch["moments"], rng, vae_config.scaling_factor)
+
+  def encoded(batch, rng, frozen):
+    return vae.encode_to_latents(frozen, batch["images"], rng)
+
+  for name, batch, x0, vp in (
+      ("stored latents", {"moments": moments, "labels": labels}, from_moments, None),
+      ("on-the-fly VAE encoding", {"images": images, "labels": labels}, encoded, vae_params)):
+    step = jax.jit(functools.partial(train_step, **common, x0=x0), donate_argnums=0)
     state = jax.jit(functools.partial(state_lib.init_state, model=model, tx=tx))(
         jax.random.key(0))
     results[name] = steps_per_second(step, state, batch, rng, vp, args.repeats)

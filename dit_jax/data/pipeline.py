@@ -19,6 +19,15 @@ from dit_jax.data import sampler
 from dit_jax.data.sources import Source, make_source
 
 Batch = dict[str, np.ndarray]
+# encode(params, images [batch, H, W, C] in [-1, 1], rng) -> the model's x_0 (VAE latents).
+Encode = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def image_channels(source: Source) -> int:
+  """Channels of a source's images: its `image_shape`'s, else 3 (a folder decodes to RGB; so do
+  the tfds datasets of varying sizes that DiT trains on)."""
+  shape = getattr(source, "image_shape", None)
+  return 3 if shape is None else int(shape[-1])
 
 
 class BatchOrder:
@@ -110,7 +119,8 @@ class InputPipeline:
 
   def __init__(self, source: Source, *, image_size: int, global_batch_size: int, seed: int,
                random_flip: bool, process_index: int | None = None,
-               process_count: int | None = None, num_threads: int = 8, prefetch: int = 2):
+               process_count: int | None = None, num_threads: int = 8, prefetch: int = 2,
+               encode: Encode | None = None, encode_params: Any = None):
     """Sets the pipeline up; reads nothing yet.
 
     Args:
@@ -124,9 +134,14 @@ class InputPipeline:
       process_count: number of processes; None: `jax.process_count()`.
       num_threads: threads decoding and resizing examples; 0 decodes in the calling thread.
       prefetch: batches prepared ahead of the consumer in `iterate`.
+      encode: what `x0` makes of the images in the train step, e.g. the VAE's
+        `encode_to_latents` (latent-space training, encoding on the fly); None: pixel space.
+      encode_params: its parameters, the train step's `frozen` argument.
     """
     self.source = source
     self.image_size = image_size
+    self.encode = encode
+    self.frozen = encode_params
     self.order = BatchOrder(len(source), global_batch_size=global_batch_size, seed=seed,
                             random_flip=random_flip, process_index=process_index,
                             process_count=process_count)
@@ -139,13 +154,18 @@ class InputPipeline:
 
   @property
   def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of `local_batch`, when the source's channel count is known up front."""
-    shape = getattr(self.source, "image_shape", None)
-    if shape is None:
-      raise ValueError("the source's channel count is only known once an image is read")
-    size, batch = self.image_size, self.order.local_batch_size
-    return {"images": jax.ShapeDtypeStruct((batch, size, size, shape[-1]), np.float32),
+    """The arrays of a global batch (`to_global(local_batch(step))`)."""
+    batch, size = self.order.global_batch_size, self.image_size
+    shape = (batch, size, size, image_channels(self.source))
+    return {"images": jax.ShapeDtypeStruct(shape, np.float32),
             "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+  def x0(self, batch: Mapping[str, jax.Array], rng: jax.Array, frozen: Any = None) -> jax.Array:
+    """The model's x_0 from a global batch, inside the train step (pure; `frozen`: the
+    `encode_params` given as a jit argument): the images, or `encode(frozen, images, rng)`."""
+    if self.encode is None:
+      return batch["images"]
+    return self.encode(frozen, batch["images"], rng)
 
   def global_indices(self, step: int) -> np.ndarray:
     """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""

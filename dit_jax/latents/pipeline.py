@@ -4,13 +4,14 @@ The order, the process rows and the flips come from the image pipeline's own `Ba
 for the same seed a latent run sees the same examples, mirrored the same way, as an image run
 with an online VAE.
 """
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from dit_jax.data.pipeline import BatchOrder, WorkerPools
+from dit_jax.latents.posterior import latents_from_moments
 from dit_jax.latents.source import LatentSource
 
 Batch = dict[str, np.ndarray]
@@ -23,7 +24,7 @@ class LatentPipeline:
                         random_flip=True) as pipeline:
       for step, batch in pipeline.iterate(start_step):
         batch = to_global(batch, sharding)  # dit_jax.data.to_global
-        latents = latents_from_moments(batch["moments"], rng, scaling_factor)
+        latents = pipeline.x0(batch, rng)  # inside the train step
   """
 
   def __init__(self, source: LatentSource, *, global_batch_size: int, seed: int,
@@ -47,12 +48,22 @@ class LatentPipeline:
                             process_count=process_count)
     self.workers = WorkerPools(num_threads, prefetch, "dit_jax_latents")
 
+  # x0 needs no parameters: the train step's `frozen` argument is None.
+  frozen = None
+
   @property
   def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of `local_batch`."""
-    batch = self.order.local_batch_size
+    """The arrays of a global batch (`to_global(local_batch(step))`)."""
+    batch = self.order.global_batch_size
     return {"moments": jax.ShapeDtypeStruct((batch,) + self.source.moments_shape, np.float32),
             "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+  def x0(self, batch: Mapping[str, jax.Array], rng: jax.Array, frozen: Any = None) -> jax.Array:
+    """The model's x_0 from a global batch, inside the train step (pure): a fresh posterior
+    sample of the moments, shifted and scaled as the VAE's `encode_to_latents` does."""
+    del frozen
+    return latents_from_moments(batch["moments"], rng, self.source.scaling_factor,
+                                self.source.shift_factor)
 
   def global_indices(self, step: int) -> np.ndarray:
     """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""

@@ -12,32 +12,39 @@ import numpy as np
 
 from dit_jax import checkpoints as params_io
 from dit_jax import cli, fs
-from dit_jax.data import InputPipeline, make_source, to_global
-from dit_jax.latents import LatentPipeline, LatentSource
-from dit_jax.diffusion import DiffusionProcess, create_diffusion
+from dit_jax.data import to_global
+from dit_jax.diffusion import Process, process_from_config
 from dit_jax.models import DiT, build_model, model_from_config
 from dit_jax.train import sharding as shd
 from dit_jax.train import resume_check
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpointing import (Checkpointer, CheckpointWriteError, PreemptionHandler,
                                          any_process)
+from dit_jax.train.inputs import Inputs, make_inputs
 from dit_jax.train.step import train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
 from dit_jax.train.workdir_lock import LeaseLock, WorkdirLock, lock_workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a run's arrays live, derived from the model's logical axes and the inputs' spec."""
+  mesh: jax.sharding.Mesh
+  state: Any  # the TrainState's shardings
+  abstract_state: Any  # its shapes with those shardings: the orbax restore target
+  batch: dict[str, jax.sharding.NamedSharding]  # one per array of the inputs' element spec
 
 
 @dataclasses.dataclass
 class Run:
   """What a run is built from, validated before any expensive work."""
   model: DiT
+  process: Process  # the training objective, recorded in the checkpoints
+  inputs: Inputs
   tx: Any
   lr_schedule: Any
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  inputs: "Inputs"
+  layout: Layout
   checkpointer: Checkpointer
-  state_shardings: Any
-  abstract_state: Any
   rng: jax.Array  # the train step's base key (each step folds in its number)
   init_rng: jax.Array
   lock: Optional[WorkdirLock | LeaseLock]  # the workdir's, held by process 0 for the whole run
@@ -58,7 +65,8 @@ def setup(config: Any, workdir: str) -> Run:
       raise ValueError(f"config.{key}: must be positive, got {value}")
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
-  if config.diffusion.learn_sigma != model.learn_sigma:
+  process = process_from_config(config.diffusion)
+  if process.learn_sigma != model.learn_sigma:
     raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules)
@@ -67,16 +75,10 @@ def setup(config: Any, workdir: str) -> Run:
   checkpoint_dir = fs.join(workdir, "checkpoints")
   resuming = fs.is_dir(checkpoint_dir) and any(n.isdigit() for n in fs.listdir(checkpoint_dir))
   if config.init_from and not resuming:  # a resumed run no longer reads init_from
-    check_init_from(config.init_from, model, DiffusionProcess.from_config(config.diffusion))
+    check_init_from(config.init_from, model, process)
   inputs = make_inputs(config, model)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
-  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
-                         jax.random.key(0))
-  state_shardings = shd.tree_shardings(boxed, mesh, rules)
-  # The same abstract tree, with shardings, is the orbax restore target.
-  abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
-      state_shardings)
+  layout = make_layout(model, tx, inputs, mesh, rules)
   # The first write: the workdir's lock, refused (naming the holder) while another run lives.
   lock = lock_workdir(workdir)
   try:
@@ -93,8 +95,24 @@ def setup(config: Any, workdir: str) -> Run:
       lock.release()
     raise
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
-  return Run(model, tx, lr_schedule, mesh, rules, inputs, checkpointer, state_shardings,
-             abstract_state, rng, init_rng, lock, found[1] if found else None)
+  return Run(model, process, inputs, tx, lr_schedule, layout, checkpointer, rng, init_rng, lock,
+             found[1] if found else None)
+
+
+def make_layout(model: DiT, tx: Any, inputs: Inputs, mesh: jax.sharding.Mesh,
+                rules: tuple) -> Layout:
+  """The shardings of the state (from the parameters' logical axes) and of a batch (its arrays'
+  leading axis is `batch`, whatever their rank)."""
+  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
+                         jax.random.key(0))
+  state_shardings = shd.tree_shardings(boxed, mesh, rules)
+  # The same abstract tree, with shardings, is the orbax restore target.
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+      state_shardings)
+  batch = {name: shd.batch_sharding(mesh, rules, len(spec.shape))
+           for name, spec in inputs.element_spec.items()}
+  return Layout(mesh, state_shardings, abstract_state, batch)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
@@ -131,7 +149,7 @@ def check_workdir(workdir: str) -> None:
                      f"({'read-only file system' if read_only else 'permission denied'})")
 
 
-def check_init_from(directory: str, model: DiT, process: DiffusionProcess) -> None:
+def check_init_from(directory: str, model: DiT, process: Process) -> None:
   """`config.init_from` must be a checkpoint of the configured architecture (reads its JSON)."""
   try:
     saved, _ = params_io.load_config(directory)
@@ -149,65 +167,9 @@ def check_init_from(directory: str, model: DiT, process: DiffusionProcess) -> No
                     process.describe())
 
 
-@dataclasses.dataclass
-class Inputs:
-  """Where batches come from, and what turns them into the model's x_0."""
-  pipeline: Any  # InputPipeline (images) or LatentPipeline (pre-extracted latents)
-  vae: Any = None  # AutoencoderKL when images are encoded on the fly
-  vae_params: Any = None
-  latent_scale: float = 1.0  # the VAE's scaling factor, for pre-extracted latents
-
-
-def make_inputs(config: Any, model: DiT) -> Inputs:
-  """The batches of a run: pre-extracted latents, images encoded on the fly, or pixels."""
-  threads = dict(num_threads=config.data.num_threads, prefetch=config.data.prefetch)
-  if config.latents_dir:
-    source = LatentSource(config.latents_dir)
-    expected = (model.input_size, model.input_size, model.in_channels)
-    if tuple(source.latent_shape) != expected:
-      raise ValueError(f"config.latents_dir: {config.latents_dir} holds latents of shape "
-                       f"{list(source.latent_shape)}, the model takes {list(expected)}")
-    _check_classes(source.num_classes, model)
-    pipeline = LatentPipeline(source, global_batch_size=config.batch_size, seed=config.seed,
-                              random_flip=config.data.random_flip, **threads)
-    return Inputs(pipeline, latent_scale=source.scaling_factor)
-  source = make_source(config.data)
-  _check_classes(source.num_classes, model)
-  pipeline = InputPipeline(source, image_size=config.data.image_size,
-                           global_batch_size=config.batch_size, seed=config.seed,
-                           random_flip=config.data.random_flip, **threads)
-  channels = source.image_shape[-1] if source.image_shape else 3
-  if model.in_channels == channels and not config.vae.path:  # pixel space
-    if config.data.image_size != model.input_size:
-      raise ValueError(f"config.data.image_size: {config.data.image_size} must equal "
-                       f"config.model.input_size ({model.input_size}) in pixel space")
-    return Inputs(pipeline)
-  if not config.vae.path:
-    raise ValueError(
-        f"config.model.in_channels: {model.in_channels}, but the data has {channels} channels. "
-        "Latent-space training needs the Stable Diffusion VAE: pre-extracted latents "
-        "(config.latents_dir, made by python -m dit_jax.latents.extract) or config.vae.path "
-        "(encode on the fly).")
-  from dit_jax.vae import AutoencoderKL, load_diffusers_vae
-  vae_config, vae_params = load_diffusers_vae(config.vae.path)
-  factor = vae_config.downsample_factor
-  if (config.data.image_size // factor, vae_config.latent_channels) != (
-      model.input_size, model.in_channels):
-    raise ValueError(f"config.vae.path: its {factor}x, {vae_config.latent_channels}-channel "
-                     f"latents of {config.data.image_size}px images do not fit a model of "
-                     f"input {model.input_size} x {model.in_channels}")
-  return Inputs(pipeline, AutoencoderKL(vae_config), vae_params)
-
-
-def _check_classes(num_classes: int, model: DiT) -> None:
-  if num_classes != model.num_classes:
-    raise ValueError(f"config.model.num_classes: {model.num_classes}, but the data has "
-                     f"{num_classes} classes")
-
-
 def initial_state(run: Run, config: Any) -> state_lib.TrainState:
   """Latest checkpoint, else `init_from` weights, else a fresh init: created already sharded."""
-  step, state = run.checkpointer.restore_newest(run.abstract_state)
+  step, state = run.checkpointer.restore_newest(run.layout.abstract_state)
   if step is not None:
     logging.info("Resuming from %s step %d", run.checkpointer.directory, step)
     return state
@@ -215,25 +177,20 @@ def initial_state(run: Run, config: Any) -> state_lib.TrainState:
     # setup checked that it holds this architecture.
     _, params = params_io.load_params(config.init_from, scan_blocks=run.model.scan_blocks)
     from_params = functools.partial(state_lib.state_from_params, tx=run.tx)
-    return jax.jit(from_params, out_shardings=run.state_shardings)(params)
+    return jax.jit(from_params, out_shardings=run.layout.state)(params)
   init = functools.partial(state_lib.init_state, model=run.model, tx=run.tx)
-  return jax.jit(init, out_shardings=run.state_shardings)(run.init_rng)
+  return jax.jit(init, out_shardings=run.layout.state)(run.init_rng)
 
 
 def compile_step(run: Run, config: Any):
+  """The jitted `(state, global batch, rng, frozen) -> (state, metrics)`; the state donated."""
   step_fn = functools.partial(
-      train_step, model=run.model, tx=run.tx, lr_schedule=run.lr_schedule,
-      ema_decay=config.ema_decay, diffusion=create_diffusion(**config.diffusion),
-      vae=run.inputs.vae, latent_scale=run.inputs.latent_scale)
-  x_key = "moments" if isinstance(run.inputs.pipeline, LatentPipeline) else "images"
-  batch_shardings = {x_key: shd.batch_sharding(run.mesh, run.rules, 4),
-                     "labels": shd.batch_sharding(run.mesh, run.rules, 1)}
-  replicated = shd.replicated(run.mesh)
-  jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_shardings, replicated,
-                                          replicated),
-                   out_shardings=(run.state_shardings, shd.replicated(run.mesh)),
-                   donate_argnums=0)
-  return jitted, batch_shardings
+      train_step, model=run.model, process=run.process, x0=run.inputs.x0, tx=run.tx,
+      lr_schedule=run.lr_schedule, ema_decay=config.ema_decay)
+  replicated = shd.replicated(run.layout.mesh)
+  return jax.jit(step_fn, in_shardings=(run.layout.state, run.layout.batch, replicated,
+                                        replicated),
+                 out_shardings=(run.layout.state, replicated), donate_argnums=0)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -262,16 +219,16 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
     state = initial_state(run, config)
   start_step = int(state.step)
   resume_check.record(workdir, start_step, config, run.resumed_config)
-  p_step, batch_shardings = compile_step(run, config)
+  p_step = compile_step(run, config)
   decode = None
   if config.vae.path and run.model.in_channels not in (1, 3):
     from dit_jax.generate import vae_decoder
     decode = vae_decoder(config.vae.path)
   reporter = reporting.Reporter(config, workdir, run.model, start_step,
-                                out_sharding=shd.replicated(run.mesh), decode=decode)
-  reporter.start(state.params, run.inputs.pipeline)  # the start-up summary
+                                out_sharding=shd.replicated(run.layout.mesh), decode=decode)
+  reporter.start(state.params, run.inputs)  # the start-up summary
   preemption = PreemptionHandler()
-  saved_config = params_io.saved_config(run.model, DiffusionProcess.from_config(config.diffusion),
+  saved_config = params_io.saved_config(run.model, run.process,
                                         run=json.loads(config.to_json_best_effort()))
   flops = train_flops_per_image(run.model) if peak_flops() else None
   check = functools.partial(_check_finite, checkpointer=run.checkpointer)
@@ -286,10 +243,10 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
   pending: Optional[tuple[int, Any]] = None  # (step, its metrics), read one step late
   saved = start_step
   try:
-    with run.inputs.pipeline:
-      for step, local_batch in run.inputs.pipeline.iterate(start_step, config.num_steps - start_step):
-        state, metrics = p_step(state, to_global(local_batch, batch_shardings), run.rng,
-                                run.inputs.vae_params)
+    with run.inputs:
+      for step, local_batch in run.inputs.iterate(start_step, config.num_steps - start_step):
+        state, metrics = p_step(state, to_global(local_batch, run.layout.batch), run.rng,
+                                run.inputs.frozen)
         if pending is not None:  # reading the previous step's loss overlaps with this step
           last = report(pending)
         done = step + 1  # the step just taken, numbered as metrics.jsonl and checkpoints are

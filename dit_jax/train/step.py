@@ -1,80 +1,66 @@
-"""The pure training step: hybrid diffusion loss, AdamW update, EMA."""
-from typing import Any, Callable, Optional
+"""The pure train step: the process's loss, AdamW update, EMA."""
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dit_jax.diffusion import GaussianDiffusion
-from dit_jax.latents.posterior import latents_from_moments
+from dit_jax.diffusion import Process
 from dit_jax.models import LABEL_DROPOUT_RNG, DiT
 from dit_jax.train.state import TrainState, ema_update
 
-LATENT_RNG_TAG = 3  # fold_in tag of the posterior-sampling key (t, noise, dropout use a split)
+X0_RNG_TAG = 3  # fold_in tag of the x0 key (posterior sampling); the others are a split
+
+# What the step logs besides the process's loss terms (whose names it does not know).
+OPTIMIZER_METRICS = ("grad_norm", "param_norm", "learning_rate")
+
+# x0(batch, rng, frozen) -> the model's x_0 [batch, H, W, C]: an input pipeline's `x0`.
+X0Fn = Callable[[dict[str, jax.Array], jax.Array, Any], jax.Array]
 
 
-def model_inputs(batch: dict[str, jax.Array], rng: jax.Array, vae: Any = None,
-                 vae_params: Any = None, latent_scale: float = 1.0) -> jax.Array:
-  """The diffusion model's x_0 for a batch [batch, H, W, C].
-
-  `moments` (pre-extracted latents: the VAE posterior's mean and log-variance, concatenated on
-  the channel axis) are sampled and scaled by the VAE's scaling factor; `images` are encoded on
-  the fly when a VAE is given, else used as they are (pixel space).
-  """
-  if "moments" in batch:
-    return latents_from_moments(batch["moments"], rng, latent_scale)
-  if vae is not None:
-    return vae.encode_to_latents(vae_params, batch["images"], rng)
-  return batch["images"]
+def step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x0, loss, label dropout) keys of step `step`: a pure function of (rng, step), so a resumed
+  run draws exactly what an uninterrupted one would."""
+  step_rng = jax.random.fold_in(rng, step)
+  loss_rng, dropout_rng = jax.random.split(step_rng)
+  return jax.random.fold_in(step_rng, X0_RNG_TAG), loss_rng, dropout_rng
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               vae_params: Any = None, *, model: DiT, diffusion: GaussianDiffusion,
+               frozen: Any = None, *, model: DiT, process: Process, x0: X0Fn,
                tx: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
-               ema_decay: float, vae: Optional[Any] = None, latent_scale: float = 1.0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch.
 
   Args:
     state: the current TrainState (donated by the caller's jit).
-    batch: `labels` [batch] int and either `images` [batch, H, W, C] in [-1, 1] or `moments`
-      [batch, h, w, 2 * latent channels] (see `model_inputs`).
-    rng: the run's base key; this step's randomness is `fold_in(rng, state.step)`, so a resumed
-      run draws exactly what an uninterrupted one would.
-    vae_params, vae: the VAE (an `AutoencoderKL` module and its params) to encode images on the
-      fly; None in pixel space or with pre-extracted latents.
-    latent_scale: the VAE's scaling_factor (0.18215), applied to sampled pre-extracted latents.
+    batch: a global batch of the input pipeline: `labels` [batch] int and what `x0` reads.
+    rng: the run's base key; this step's keys are `step_keys(rng, state.step)`.
+    frozen: `x0`'s constant inputs (the VAE's params when encoding on the fly), a jit argument.
+    model, process: the DiT and the process whose loss it is trained on.
+    x0: the pipeline's `x0(batch, rng, frozen)`: pixels, latents sampled from stored moments,
+      or images encoded by the VAE.
   Returns:
-    (new state, scalar metrics: loss, mse, vb, grad_norm, param_norm, learning_rate).
+    (new state, scalar metrics: the means of the process's loss terms ("loss" among them), and
+    grad_norm, param_norm, learning_rate).
   """
-  labels = batch["labels"]
-  step_rng = jax.random.fold_in(rng, state.step)
-  x_start = model_inputs(batch, jax.random.fold_in(step_rng, LATENT_RNG_TAG), vae, vae_params,
-                         latent_scale)
-  t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
-  # t uniform over all steps of the (unspaced) training process.
-  t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
-  noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+  x0_rng, loss_rng, dropout_rng = step_keys(rng, state.step)
+  x_start = x0(batch, x0_rng, frozen)
+  model_kwargs = {"y": batch["labels"]}
 
   def loss_fn(params):
-    def model_fn(x, timesteps, y):
-      return model.apply({"params": params}, x, timesteps, y, train=True,
+    def model_fn(x, t, y):
+      return model.apply({"params": params}, x, t, y, train=True,
                          rngs={LABEL_DROPOUT_RNG: dropout_rng})
-    terms = diffusion.training_losses(model_fn, x_start, t, model_kwargs={"y": labels},
-                                      noise=noise)
+    terms = process.loss_terms(model_fn, x_start, loss_rng, model_kwargs)
     return terms["loss"].mean(), terms
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema_update(state.ema_params, params, ema_decay))
-  metrics = {
-      "loss": loss,
-      "mse": terms["mse"].mean(),
-      "vb": terms["vb"].mean() if "vb" in terms else jnp.zeros(()),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
-      "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
-  }
+  metrics = {name: term.mean() for name, term in terms.items()}
+  metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                 learning_rate=jnp.asarray(lr_schedule(state.step), jnp.float32))
   return new_state, metrics
