@@ -560,3 +560,27 @@ def test_process_from_config_records_the_sampling_settings_only():
                                        r"training uses every step"):
     process_from_config(config.diffusion)
 
+
+def test_reporter_logs_whatever_terms_the_process_returns(tmp_path, caplog):
+  import json
+  import logging
+  from dit_jax.train.reporting import Reporter
+
+  config = tiny_config()
+  config.tensorboard, config.log_every_steps = False, 1
+  reporter = Reporter(config, str(tmp_path), build_model(config.model), start_step=0)
+  optimizer = {"grad_norm": 0.5, "param_norm": 9.0, "learning_rate": 1e-3}
+  with caplog.at_level(logging.INFO):
+    reporter.step(1, {"loss": 2.5, "vb": 0.0025, **optimizer}, None)  # use_kl's terms
+    reporter.step(2, {"loss": 0.25, "mse": 0.2, "vb": 0.05, **optimizer}, None)  # hybrid
+  reporter.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert lines[0].startswith("step 1/4000: loss 2.5 (vb 0.0025), grad_norm 0.5, lr 0.001, ")
+  assert lines[1].startswith("step 2/4000: loss 0.25 (mse 0.2, vb 0.05), grad_norm 0.5, ")
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [sorted(k for k in row if k.startswith("train/") and not k.endswith("_sec"))
+          for row in rows] == [
+      ["train/grad_norm", "train/learning_rate", "train/loss", "train/param_norm", "train/vb"],
+      ["train/grad_norm", "train/learning_rate", "train/loss", "train/mse", "train/param_norm",
+       "train/vb"]]
+  assert rows[0]["train/vb"] == 0.0025 and rows[1]["train/mse"] == 0.2

@@ -5,7 +5,7 @@ Imports clu's writers, hence TensorFlow: the train step and model stay importabl
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -15,16 +15,21 @@ from dit_jax import fs, generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
 from dit_jax.train.metrics_log import MetricsLog
+from dit_jax.train.step import OPTIMIZER_METRICS
 from dit_jax.train.throughput import peak_flops
 
 
-def _step_line(step: int, num_steps: int, scalars: dict[str, float]) -> str:
-  """`step 500/4000: loss 0.1129, grad_norm 0.707, lr 0.001, 11.3 steps/s, ETA 5m09s`."""
+def _step_line(step: int, num_steps: int, scalars: dict[str, float],
+               terms: Sequence[str] = ()) -> str:
+  """`step 500/4000: loss 0.1129 (mse 0.1101, vb 0.0028), grad_norm 0.707, lr 0.001, 11.3
+  steps/s, ETA 5m09s`; terms: the names of the loss's parts, whatever the process returns."""
   rate = scalars["train/steps_per_sec"]
   eta = int((num_steps - step) / rate) if rate > 0 else 0
   parts = [f"{name} {scalars[key]:.4g}" for name, key in (
       ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/learning_rate"))
       if key in scalars]
+  if terms and "train/loss" in scalars:
+    parts[0] += " (" + ", ".join(f"{t} {scalars['train/' + t]:.4g}" for t in terms) + ")"
   parts.append(f"{rate:.3g} steps/s")
   if "train/mfu" in scalars:
     parts.append(f"MFU {scalars['train/mfu']:.1%}")
@@ -103,6 +108,8 @@ class Reporter:
     now = time.time()
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, step
+    # The process's loss terms ("loss", its parts) and the step's optimizer metrics.
+    terms = [k for k in metrics if k != "loss" and k not in OPTIMIZER_METRICS]
     scalars = {f"train/{k}": v for k, v in metrics.items()}
     scalars["train/steps_per_sec"] = steps_per_sec
     scalars["train/images_per_sec"] = steps_per_sec * self.config.batch_size
@@ -111,7 +118,7 @@ class Reporter:
       scalars["train/mfu"] = achieved / (peak_flops() * jax.device_count())
     self.writer.write_scalars(step, scalars)
     self.metrics.append(step, scalars)
-    logging.info("%s", _step_line(step, self.config.num_steps, scalars))
+    logging.info("%s", _step_line(step, self.config.num_steps, scalars, terms))
 
   def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:
     """EMA samples [N, H, W, C] in the model's space for the given labels."""
