@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Latent space. Pre-extracted latents (python -m dit_jax.latents.extract) are the fast path;
   # without them, a VAE path makes the run encode images on the fly.
   config.latents_dir = ""  # a directory of extracted latents: training reads it, not images.
+  # Where a gs:// latents_dir is copied first (ArrayRecord reads only local files); empty:
+  # $DIT_LATENTS_CACHE, else a folder under the system's temporary directory.
+  config.latents_cache_dir = ""
   config.vae = ml_collections.ConfigDict()
   config.vae.path = ""  # diffusers AutoencoderKL folder (sd-vae-ft-ema): encode / decode grids.
 

@@ -261,12 +261,15 @@ def test_extract_cli_and_training_on_gcs_latents(gcs_bucket, tmp_path, monkeypat
       timeout=300, env=env_with_devices(1))
   assert extracted.returncode == 0, extracted.stderr[-3000:]
   assert fs.listdir(latents) == ["latents-000000.array_record", "metadata.json", "plan.json"]
-  monkeypatch.setenv("DIT_LATENTS_CACHE", str(tmp_path / "cache"))  # where train.py copies it
+  # config.latents_cache_dir is where train.py copies it; it wins over $DIT_LATENTS_CACHE.
+  monkeypatch.setenv("DIT_LATENTS_CACHE", str(tmp_path / "env_cache"))
   trained = run_train(tmp_path / "run", config=f"configs/folder.py:{folder},16,2",
                       model__in_channels=4, model__input_size=8, model__dtype="float32",
-                      batch_size=4, latents_dir=latents, sample__every_steps=0)
+                      batch_size=4, latents_dir=latents, sample__every_steps=0,
+                      latents_cache_dir=str(tmp_path / "cache"))
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert "copied 1 of the 1 chunk files" in trained.stderr
+  assert not (tmp_path / "env_cache").exists()
   (copy,) = os.listdir(tmp_path / "cache")
   assert fs.read_bytes(tmp_path / "cache" / copy / "latents-000000.array_record") == (
       fs.read_bytes(f"{latents}/latents-000000.array_record"))

@@ -45,7 +45,7 @@ def make_inputs(config: Any, model: DiT) -> Inputs:
   """The batches of a run: pre-extracted latents, images encoded on the fly, or pixels."""
   threads = dict(num_threads=config.data.num_threads, prefetch=config.data.prefetch)
   if config.latents_dir:
-    source = LatentSource(config.latents_dir)
+    source = LatentSource(config.latents_dir, cache_dir=config.latents_cache_dir or None)
     expected = (model.input_size, model.input_size, model.in_channels)
     if tuple(source.latent_shape) != expected:
       raise ValueError(f"config.latents_dir: {config.latents_dir} holds latents of shape "
