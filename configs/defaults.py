@@ -16,11 +16,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.name = "imagenet2012"  # "digits", "folder", or a tfds dataset name.
   config.data.folder = ""  # for name="folder": one sub-folder per class.
   config.data.data_dir = optional(str)  # tfds data_dir (None: tfds default).
-  config.data.split = "train"
+  config.data.split = "train"  # the tfds split.
   config.data.image_size = 256  # pixels after the ADM center crop.
   config.data.random_flip = True  # horizontal flip with probability 0.5.
   config.data.num_threads = 8  # image decoding threads per process.
   config.data.prefetch = 2  # batches decoded ahead.
+  config.data.channels = optional(int)  # tfds: None keeps the stored channels; 3 makes gray RGB.
 
   # Latent space. Pre-extracted latents (python -m dit_jax.latents.extract) are the fast path;
   # without them, a VAE path makes the run encode images on the fly.
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.variant = "XL/2"  # S|B|L|XL x /2,/4,/8 (the table in dit_jax.models).
   config.model.input_size = 32  # side of the model's input (latent side = image_size / 8).
   config.model.in_channels = 4  # 4: VAE latents; 3 (RGB) or 1 (gray) in pixel space.
-  config.model.num_classes = 1000
+  config.model.num_classes = 1000  # labels 0..num_classes-1; num_classes is the null class.
   config.model.learn_sigma = True  # second half of the output: variance values.
   config.model.class_dropout_prob = 0.1  # label -> null class, for classifier-free guidance.
   # Architecture overrides (None: the variant's value), for custom sizes.
@@ -43,10 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.hidden_size = optional(int)
   config.model.num_heads = optional(int)
   config.model.patch_size = optional(int)
-  config.model.mlp_ratio = 4.0
+  config.model.mlp_ratio = 4.0  # MLP hidden size / hidden_size.
   # How it runs; none of these change the parameters' values.
   config.model.dtype = "bfloat16"  # compute dtype; params stay float32.
-  config.model.param_dtype = "float32"
+  config.model.param_dtype = "float32"  # dtype of the stored parameters.
   config.model.scan_blocks = True  # one compiled block: compile time independent of depth.
   config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
   config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
@@ -54,24 +55,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.timestep_respacing = ""  # training uses all steps.
   config.diffusion.noise_schedule = "linear"  # or "squaredcos_cap_v2".
-  config.diffusion.diffusion_steps = 1000
+  config.diffusion.diffusion_steps = 1000  # T: the number of noise levels.
   config.diffusion.learn_sigma = True  # must equal model.learn_sigma.
-  config.diffusion.sigma_small = False
-  config.diffusion.predict_xstart = False
-  config.diffusion.use_kl = False
-  config.diffusion.rescale_learned_sigmas = False
+  config.diffusion.sigma_small = False  # fixed variance (learn_sigma=False): posterior's or beta.
+  config.diffusion.predict_xstart = False  # the model predicts x_0 (else the noise eps).
+  config.diffusion.use_kl = False  # loss: the variational bound alone (else MSE [+ VB]).
+  config.diffusion.rescale_learned_sigmas = False  # VB term x diffusion_steps / 1000.
 
   config.batch_size = 256  # global, over all devices and hosts.
-  config.num_steps = 400_000
+  config.num_steps = 400_000  # training steps (the paper: 400K for XL/2).
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.learning_rate = 1e-4
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.b1 = 0.9
+  config.optimizer.learning_rate = 1e-4  # AdamW, constant after warmup.
+  config.optimizer.weight_decay = 0.0  # decoupled (AdamW).
+  config.optimizer.b1 = 0.9  # Adam moment decays and epsilon.
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
   config.optimizer.warmup_steps = 0  # linear warmup from 0 (the paper uses none).
   config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 disables (the paper).
-  config.ema_decay = 0.9999
+  config.ema_decay = 0.9999  # of the EMA parameters that sample and evaluate.
   config.init_from = ""  # an orbax checkpoint from `python -m dit_jax.convert` to fine-tune.
   # Resuming with changes that alter training (batch size, optimizer, seed, data, EMA, ...)
   # is refused unless listed here: keys or sections, comma-separated ("batch_size,optimizer").
@@ -89,12 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
       ("out_patch", None), ("time_freq", None), ("time_embed", None), ("classes", None))
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 5000
+  config.checkpoint.every_steps = 5000  # and at the last step.
   config.checkpoint.keep = 3  # the last K ...
   config.checkpoint.keep_period = 50_000  # ... plus every M-th step, permanently.
-  config.checkpoint.async_save = True
+  config.checkpoint.async_save = True  # write in the background while training goes on.
 
-  config.log_every_steps = 100
+  config.log_every_steps = 100  # console line, metrics.jsonl and TensorBoard scalars.
   # TensorBoard event files in the workdir. TensorFlow writes them, on gs:// through its own
   # GCS client (which no emulator can stand in for: the gs:// tests turn this off).
   config.tensorboard = True
@@ -102,9 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.every_steps = 10_000  # EMA sample grid to TensorBoard and samples/*.png.
   config.sample.classes = (88, 207, 279, 360, 387, 388, 417, 974)  # one grid row per class.
   config.sample.per_class = 8  # grid columns, as sample.py --per_class (dit_jax.generate)
-  config.sample.sampler = "ddim"  # "ddpm" (the paper: 250 steps) or "ddim".
-  config.sample.num_steps = 50
-  config.sample.eta = 0.0
+  config.sample.sampler = "ddim"  # a name of dit_jax.samplers.SAMPLERS (sample.py --help).
+  config.sample.num_steps = 50  # sampling steps (a respacing of the process).
+  config.sample.eta = 0.0  # DDIM's noise: 0 is deterministic.
   config.sample.cfg_scale = 4.0  # 4.0 for pictures, 1.5 for FID.
   # 3: the official quirk; None guides all channels (typed, so --config can override a None).
   config.sample.guidance_channels = config_dict.FieldReference(3, field_type=int)
@@ -112,6 +113,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.digits = False  # grade samples with a classifier of the real digits.
-  config.eval.num_samples = 1000
-  config.eval.batch_size = 500
+  config.eval.num_samples = 1000  # guided EMA samples graded at the end.
+  config.eval.batch_size = 500  # samples per sampling call.
   return config

@@ -80,9 +80,9 @@ def reference_images(ref: str, image_size: int) -> np.ndarray:
 
   if ref.startswith("tfds:"):
     name, _, split = ref[len("tfds:"):].partition(":")
-    source = make_source({"name": name, "split": split or "train", "channels": 3})
+    source = make_source(name, split=split or "train", channels=3)
   elif fs.is_local(ref) and os.path.isdir(ref):
-    source = make_source({"name": "folder", "folder": ref})
+    source = make_source("folder", folder=ref)
   else:  # image folders are read locally only (the folder source lists them with os.walk)
     raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a local folder nor tfds:NAME")
   return np.stack([center_crop_arr(source.get(i)[0], image_size) for i in range(len(source))])

@@ -8,17 +8,19 @@ import threading
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from conftest import ROOT
+from configs import digits as digits_config
 from dit_jax.data import (DatasetNotFoundError, DigitsSource, FolderSource, InputPipeline,
                           TfdsSource, center_crop_arr, epoch_permutation, flip_mask,
-                          global_batch_indices, make_pipeline, make_source, process_slice,
-                          to_float, to_global)
+                          global_batch_indices, make_source, process_slice, to_float,
+                          to_global)
+from dit_jax.models import build_model
+from dit_jax.train.inputs import make_inputs
 
 
 class ArraySource:
@@ -210,16 +212,15 @@ def test_process_slices_concatenate_to_the_global_batch():
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
 
 
-def test_make_pipeline_from_config():
-  config = ml_collections.ConfigDict({
-      "image_size": 32, "batch_size": 16, "seed": 2,  # data.image_size wins.
-      "data": {"name": "digits", "image_size": 8, "random_flip": False, "num_threads": 0,
-               "data_dir": ml_collections.config_dict.placeholder(str)}})
-  with make_pipeline(config, process_index=1, process_count=2) as pipeline:
+def test_a_run_reads_the_pixels_its_config_names():
+  config = digits_config.get_config()
+  config.batch_size, config.seed, config.data.num_threads = 16, 2, 0
+  with make_inputs(config, build_model(config.model)) as pipeline:
     batch = pipeline.local_batch(1)
   assert isinstance(pipeline.source, DigitsSource) and not pipeline.order.random_flip
-  assert batch["images"].shape == (8, 8, 8, 1)
-  rows = global_batch_indices(1, 16, 1797, seed=2)[8:]  # process 1 of 2: rows 8..15.
+  assert batch["images"].shape == (16, 8, 8, 1)
+  assert pipeline.element_spec["images"].shape == (16, 8, 8, 1)
+  rows = global_batch_indices(1, 16, 1797, seed=2)
   np.testing.assert_array_equal(batch["labels"], load_digits().target[rows])
 
 
@@ -285,7 +286,7 @@ def test_folder_source_labels_and_skips_corrupt_files(image_folder, caplog):
 
 
 def test_folder_pipeline_shapes_and_values(image_folder):
-  source = make_source({"name": "folder", "folder": str(image_folder)})
+  source = make_source("folder", folder=str(image_folder))
   with pipeline_for(source, image_size=16, global_batch_size=10) as pipeline:
     batch = pipeline.local_batch(0)
     assert batch["images"].shape == (10, 16, 16, 3) and batch["images"].dtype == np.float32
@@ -320,13 +321,13 @@ def test_folder_errors_name_the_path(tmp_path):
     FolderSource(tmp_path / "one_empty")
   assert f"class folder '{tmp_path / 'one_empty' / 'dog'}' holds no images" in str(info.value)
   with pytest.raises(ValueError, match="config.data.folder"):
-    make_source({"name": "folder"})
+    make_source("folder")
 
 
 def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path):
   start = time.monotonic()
   with pytest.raises(DatasetNotFoundError) as info:
-    make_source({"name": "imagenet2012", "data_dir": str(tmp_path)})
+    make_source("imagenet2012", data_dir=str(tmp_path))
   message = str(info.value)
   assert isinstance(info.value, FileNotFoundError)
   assert str(tmp_path / "imagenet2012") in message
@@ -338,7 +339,7 @@ def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path):
   assert time.monotonic() - start < 15  # no download attempt (offline retries take minutes).
   assert not (tmp_path / "downloads").exists()
   with pytest.raises(ValueError, match="config.data.name"):
-    make_source({"name": "no_such_dataset_xyz", "data_dir": str(tmp_path)})
+    make_source("no_such_dataset_xyz", data_dir=str(tmp_path))
 
 
 TINY_SIZES = [(6, 4), (7, 5), (8, 6), (9, 7), (10, 8)]
@@ -371,7 +372,7 @@ def tiny_tfds_dir(tmp_path_factory):
 
 
 def test_tfds_source_reads_array_record(tiny_tfds_dir):
-  source = make_source({"name": "dit_jax_test_tiny", "data_dir": str(tiny_tfds_dir)})
+  source = make_source("dit_jax_test_tiny", data_dir=str(tiny_tfds_dir))
   assert isinstance(source, TfdsSource)
   assert len(source) == 5 and source.num_classes == 3 and source.image_shape is None
   seen = {}

@@ -18,7 +18,9 @@ from configs import folder as folder_config
 from dit_jax.data import FolderSource, InputPipeline, center_crop_arr, flip_mask, to_float
 from dit_jax.latents import (LatentPipeline, LatentSource, chunk_path, decode_record,
                              encode_record, extract_from_config, extract_latents,
-                             latents_from_moments, make_latent_pipeline, record_bytes)
+                             latents_from_moments, record_bytes)
+from dit_jax.models import build_model
+from dit_jax.train.inputs import make_inputs
 from dit_jax.vae import AutoencoderKL, VAEConfig, load_diffusers_vae
 
 IMAGE_SIZE = 16  # tiny VAE: 2x downsampling -> latents 8x8x4, moments 8x8x8.
@@ -262,7 +264,7 @@ def test_latent_pipeline_iterate_and_process_slices(extracted):
     np.testing.assert_array_equal(
         np.concatenate([h["moments"] for h in halves]), expected[2]["moments"])
     with pipeline(random_flip=False) as unflipped:
-      indices, flips = unflipped.local_rows(4)
+      indices, flips = unflipped.order.local_rows(4)
       assert not flips.any()
       source = LatentSource(extracted)
       np.testing.assert_array_equal(unflipped.local_batch(4)["moments"],
@@ -300,13 +302,18 @@ def test_latent_source_errors_name_the_directory_and_command(extracted, tmp_path
     source.get(10)
 
 
-def test_make_latent_pipeline_checks_the_crop(extracted, image_folder):
+def test_a_run_reads_the_latents_its_model_takes(extracted, image_folder):
   config = make_config(image_folder)
-  with make_latent_pipeline(config, extracted, process_index=0, process_count=1) as pipeline:
+  config.latents_dir = extracted
+  config.model.input_size, config.model.in_channels = 8, 4  # the test VAE's 8x8x4 latents
+  with make_inputs(config, build_model(config.model)) as pipeline:
+    assert isinstance(pipeline, LatentPipeline)
     assert (pipeline.order.global_batch_size, pipeline.order.seed) == (config.batch_size, config.seed)
-  config.data.image_size = 32
-  with pytest.raises(ValueError, match="16px crops"):
-    make_latent_pipeline(config, extracted, process_index=0, process_count=1)
+    assert pipeline.element_spec["moments"].shape == (config.batch_size, 8, 8, 8)
+  config.model.input_size = 16
+  with pytest.raises(ValueError, match=r"holds latents of shape \[8, 8, 4\], the model takes "
+                                       r"\[16, 16, 4\]"):
+    make_inputs(config, build_model(config.model))
 
 
 def test_latents_from_moments_matches_online_encoding(reference, vae, image_folder):

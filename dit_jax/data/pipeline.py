@@ -16,7 +16,7 @@ import numpy as np
 
 from dit_jax.data import preprocess
 from dit_jax.data import sampler
-from dit_jax.data.sources import Source, make_source
+from dit_jax.data.sources import Source
 
 Batch = dict[str, np.ndarray]
 # encode(params, images [batch, H, W, C] in [-1, 1], rng) -> the model's x_0 (VAE latents).
@@ -264,20 +264,3 @@ def to_global(local_batch: Mapping[str, np.ndarray],
     out[key] = jax.make_array_from_process_local_data(key_sharding, np.asarray(value))
   return out
 
-
-def make_pipeline(config: Any, *, process_index: int | None = None,
-                  process_count: int | None = None) -> InputPipeline:
-  """The pipeline a training config describes.
-
-  Reads `config.data` (see `sources.make_source`, plus `random_flip`, and optional
-  `image_size`, `num_threads` and `prefetch`), `config.batch_size` (global), `config.seed`, and
-  `config.image_size` where `config.data.image_size` is absent.
-  """
-  data = config.data
-  optional = {key: data.get(key) for key in ("num_threads", "prefetch")
-              if data.get(key) is not None}
-  image_size = data.get("image_size") or config.image_size
-  return InputPipeline(make_source(data), image_size=image_size,
-                       global_batch_size=config.batch_size, seed=config.seed,
-                       random_flip=bool(data.random_flip), process_index=process_index,
-                       process_count=process_count, **optional)

@@ -169,36 +169,32 @@ def _read_rgb(path: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _config_get(config: Any, key: str, default: Any = None) -> Any:
-  """`config.key` for a ConfigDict, a dict or any object; `default` when absent or None."""
-  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  return default if value is None else value
-
-
-def make_source(data_config: Any) -> Source:
-  """The source a config section describes.
+def make_source(name: str, *, folder: str = "", split: str = "train",
+                data_dir: str | None = None, channels: int | None = None) -> Source:
+  """A source by name.
 
   Args:
-    data_config: `config.data`, with
-      `name`: "digits" | "folder" | a tfds dataset name (e.g. "imagenet2012");
-      `folder`: the image folder, for "folder";
-      `data_dir`: the tfds data directory (None: tfds' default, `~/tensorflow_datasets`);
-      `split`: the tfds split (default "train");
-      `channels`: None keeps the stored channels; 3 makes grayscale tfds images RGB.
+    name: "digits" | "folder" | a tfds dataset name (e.g. "imagenet2012").
+    folder: the image folder, for "folder".
+    split: the tfds split.
+    data_dir: the tfds data directory (None: tfds' default, `~/tensorflow_datasets`).
+    channels: tfds only: None keeps the stored channels; 3 makes grayscale images RGB.
 
   Returns:
     A `Source`.
   """
-  name = _config_get(data_config, "name")
   if not name:
     raise ValueError("config.data.name is not set: 'digits', 'folder' or a tfds dataset name")
   if name == "digits":
     return DigitsSource()
   if name == "folder":
-    folder = _config_get(data_config, "folder")
     if not folder:
       raise ValueError("config.data.name='folder' needs config.data.folder (the image folder)")
     return FolderSource(folder)
-  return TfdsSource(name, split=_config_get(data_config, "split", "train"),
-                    data_dir=_config_get(data_config, "data_dir"),
-                    channels=_config_get(data_config, "channels"))
+  return TfdsSource(name, split=split, data_dir=data_dir, channels=channels)
+
+
+def source_from_config(data: Any) -> Source:
+  """The source `config.data` describes (its `name`, `folder`, `split`, `data_dir`, `channels`)."""
+  return make_source(data.name, folder=data.folder, split=data.split, data_dir=data.data_dir,
+                     channels=data.channels)

@@ -10,7 +10,7 @@ _EXPORTS = {
     "ExtractionResult": "extraction", "check_not_complete": "extraction",
     "extract_from_config": "extraction", "extract_latents": "extraction",
     "params_fingerprint": "extraction", "LatentPipeline": "pipeline",
-    "make_latent_pipeline": "pipeline", "latents_from_moments": "posterior",
+    "latents_from_moments": "posterior",
     "FORMAT": "records", "METADATA_NAME": "records", "chunk_path": "records",
     "decode_record": "records", "encode_record": "records", "record_bytes": "records",
     "LatentSource": "source",

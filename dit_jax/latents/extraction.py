@@ -16,16 +16,14 @@ step in lockstep, and they have different numbers of chunks left after an interr
 Matmul/conv precision follows JAX's default (`JAX_DEFAULT_MATMUL_PRECISION=highest` for full
 float32 on GPUs and TPUs).
 """
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import fs
 from dit_jax.data import preprocess
-from dit_jax.data.sources import Source, make_source
+from dit_jax.data.pipeline import WorkerPools
+from dit_jax.data.sources import Source, source_from_config
 from dit_jax.latents import records
 from dit_jax.vae import AutoencoderKL, VAEConfig, load_diffusers_vae
 
@@ -141,23 +140,6 @@ def _load_example(source: Source, image_size: int, channels: int,
     raise ValueError(f"example {index} has {image.shape[-1]} channels, the VAE expects "
                      f"{channels}")
   return image, label
-
-
-def _prefetched(pool: concurrent.futures.Executor, load: Callable[[int], Any],
-                batches: Sequence[np.ndarray], depth: int) -> Iterator[list[Any]]:
-  """`[load(i) for i in batch]` for each batch, with `depth` batches loading ahead."""
-  pending: collections.deque[list[concurrent.futures.Future]] = collections.deque()
-  try:
-    for indices in batches:
-      pending.append([pool.submit(load, i) for i in indices])
-      if len(pending) > depth:
-        yield [future.result() for future in pending.popleft()]
-    while pending:
-      yield [future.result() for future in pending.popleft()]
-  finally:
-    for futures in pending:
-      for future in futures:
-        future.cancel()
 
 
 def _write_chunk(out_dir: str, chunk: int, chunk_records: Sequence[bytes]) -> None:
@@ -318,10 +300,11 @@ def _encode_chunks(source: Source, out_dir: str, chunks: Sequence[int], *,
       chunk_records.clear()
 
   pending = None
-  with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1),
-                                             thread_name_prefix="dit_jax_latents") as pool:
-    batches = _prefetched(pool, load, [indices for _, indices, _ in work], depth=2)
-    for (chunk, _, last), examples in zip(work, batches):
+  # The training pipeline's threads: examples load on one pool, 2 batches ahead on the other.
+  workers = WorkerPools(num_threads, 2, "dit_jax_latents")
+  try:
+    batches = workers.batches(lambda k: workers.map(load, work[k][1]), 0, len(work))
+    for (chunk, _, last), (_, examples) in zip(work, batches):
       images = np.stack([image for image, _ in examples])
       if len(images) < batch_size:
         images = np.concatenate([images, np.repeat(images[-1:], batch_size - len(images), 0)])
@@ -332,6 +315,8 @@ def _encode_chunks(source: Source, out_dir: str, chunks: Sequence[int], *,
       pending = (chunk, [label for _, label in examples], moments, last)
     if pending is not None:
       finish(*pending)
+  finally:
+    workers.close()
   bar.close()
 
 
@@ -347,20 +332,19 @@ def extract_from_config(config: Any, vae_dir: str, out_dir: str, *, batch_size: 
   """`extract_latents` for a training config: `config.data` picks the dataset and the crop.
 
   Args:
-    config: a training config (`configs/*.py`); reads `config.data` (`make_source`'s fields,
-      `image_size`, `num_threads`) and `config.image_size` where `data.image_size` is absent.
+    config: a training config (`configs/*.py`); reads `config.data` (`source_from_config`'s
+      fields, `image_size`, `num_threads`).
     vae_dir: a diffusers AutoencoderKL folder (`config.json` + weights).
     out_dir, batch_size, chunk_size, dtype, progress: as in `extract_latents`.
   """
   check_not_complete(out_dir)  # before loading anything.
   data = config.data
-  image_size = data.get("image_size") or config.get("image_size")
-  if not image_size:
+  if not data.image_size:
     raise ValueError("config.data.image_size is not set (the side of the center crop)")
   vae_config, vae_params = load_diffusers_vae(vae_dir)
   data_dict = data.to_dict() if hasattr(data, "to_dict") else dict(data)
-  return extract_latents(make_source(data), out_dir, vae_config=vae_config,
-                         vae_params=vae_params, image_size=int(image_size),
+  return extract_latents(source_from_config(data), out_dir, vae_config=vae_config,
+                         vae_params=vae_params, image_size=int(data.image_size),
                          batch_size=batch_size, chunk_size=chunk_size, dtype=dtype,
-                         data_config=data_dict, num_threads=int(data.get("num_threads") or 8),
+                         data_config=data_dict, num_threads=data.num_threads,
                          progress=progress)

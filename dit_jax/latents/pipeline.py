@@ -69,10 +69,6 @@ class LatentPipeline:
     """Dataset indices of the whole global batch of `step`: int64 `[global_batch_size]`."""
     return self.order.global_indices(step)
 
-  def local_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """This process's (dataset indices int64 `[L]`, flips bool `[L]`) for `step`."""
-    return self.order.local_rows(step)
-
   def local_batch(self, step: int) -> Batch:
     """This process's rows of the batch of `step`.
 
@@ -107,23 +103,3 @@ class LatentPipeline:
   def __exit__(self, *exc_info: Any) -> None:
     self.close()
 
-
-def make_latent_pipeline(config: Any, directory: str, *, process_index: int | None = None,
-                         process_count: int | None = None) -> LatentPipeline:
-  """The latent pipeline for a training config (as `dit_jax.data.make_pipeline` for images).
-
-  Reads `config.batch_size`, `config.seed`, `config.data.random_flip` and the optional
-  `config.data.num_threads` / `prefetch`; checks that the directory was extracted at
-  `config.data.image_size` when the config sets one.
-  """
-  data = config.data
-  source = LatentSource(directory)
-  image_size = data.get("image_size")
-  if image_size and int(image_size) != source.image_size:
-    raise ValueError(f"{directory} holds latents of {source.image_size}px crops, but "
-                     f"config.data.image_size={image_size}")
-  optional = {key: data.get(key) for key in ("num_threads", "prefetch")
-              if data.get(key) is not None}
-  return LatentPipeline(source, global_batch_size=config.batch_size, seed=config.seed,
-                        random_flip=bool(data.random_flip), process_index=process_index,
-                        process_count=process_count, **optional)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from dit_jax.data import InputPipeline, make_source
+from dit_jax.data import InputPipeline, source_from_config
 from dit_jax.data.pipeline import image_channels
 from dit_jax.latents import LatentPipeline, LatentSource
 from dit_jax.models import DiT
@@ -53,7 +53,7 @@ def make_inputs(config: Any, model: DiT) -> Inputs:
     _check_classes(source.num_classes, model)
     return LatentPipeline(source, global_batch_size=config.batch_size, seed=config.seed,
                           random_flip=config.data.random_flip, **threads)
-  source = make_source(config.data)
+  source = source_from_config(config.data)
   _check_classes(source.num_classes, model)
   pipeline = dict(image_size=config.data.image_size, global_batch_size=config.batch_size,
                   seed=config.seed, random_flip=config.data.random_flip, **threads)
