@@ -85,8 +85,7 @@ def check_new_output(flag: str, path: str) -> None:
     if not os.path.isdir(folder):
       raise UserError(f"{flag}: no directory {folder}")
     return
-  scheme, rest = path.split("://", 1)
-  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  bucket = fs.bucket_of(path)
   if not fs.exists(bucket):
     raise UserError(f"{flag}: no bucket {bucket} (or no access to it)")
 

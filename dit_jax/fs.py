@@ -45,6 +45,12 @@ def is_local(name: PathLike) -> bool:
   return "://" not in os.fspath(name)
 
 
+def bucket_of(url: str) -> str:
+  """`gs://bucket` of `gs://bucket/some/object`."""
+  scheme, rest = url.split("://", 1)
+  return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
 def absolute(name: PathLike) -> str:
   """A local path made absolute (orbax wants that); a URL unchanged."""
   name = os.fspath(name)

@@ -105,3 +105,11 @@ def _copy_tree(source: str, target: str) -> None:
       _copy_tree(str(child), f"{target}/{child.name}")
     else:
       fs.write_bytes(f"{target}/{child.name}", child.read_bytes())
+
+
+def test_a_workdir_in_a_missing_bucket_is_one_line(gcs_bucket):
+  from dit_jax.train.loop import check_workdir
+  with pytest.raises(ValueError, match=r"^workdir: no bucket gs://no-such-bucket \(or no access "
+                     r"to it\)$"):
+    check_workdir("gs://no-such-bucket/runs/x")
+  check_workdir(f"{gcs_bucket}/runs/x")  # a folder need not exist: only a prefix
