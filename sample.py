@@ -9,19 +9,19 @@ import logging
 
 from absl import flags
 
-from dit_jax import cli, logs
+from dit_jax import cli, logs, samplers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.convert` directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("use_ema", True, "Training checkpoints: EMA weights (else the raw ones).")
-flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim", "dpm-solver++"], "Sampler.")
+flags.DEFINE_enum("sampler", "ddpm", list(samplers.SAMPLERS), samplers.describe())
 flags.DEFINE_integer("num_steps", 250, "Sampling steps (model evaluations): the checkpoint's "
                      "diffusion process, respaced.")
 flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale (1: none; 4 for pictures, 1.5 for FID).")
 flags.DEFINE_enum("guidance", "official", ["official", "all"],
                   "official: guide the first 3 channels (upstream quirk); all: every channel.")
-flags.DEFINE_float("eta", 0.0, "DDIM noise.")
+flags.DEFINE_float("eta", 0.0, "Noise scale of the samplers that have one (see --sampler).")
 flags.DEFINE_bool("clip_denoised", None, "Clip x0 predictions (default: for pixel models).")
 flags.DEFINE_integer("seed", 0, "Seed of noise and labels.")
 flags.DEFINE_list("classes", None, "Grid classes (default: the first 10 or fewer).")

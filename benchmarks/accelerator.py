@@ -40,7 +40,7 @@ def child(args: argparse.Namespace) -> None:
 
   from benchmarks.train_throughput import measure
   from dit_jax.models import create_model, init_params
-  from dit_jax.sampling import make_sample_fn
+  from dit_jax.samplers.guidance import make_sample_fn
 
   remat = None if args.remat == "none" else args.remat
   try:

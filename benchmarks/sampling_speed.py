@@ -1,24 +1,23 @@
 """Sampling speed: one compiled `lax.scan` loop vs a Python loop of jitted steps.
 
-  python -m benchmarks.sampling_speed [--models tiny S/2] [--batch 8]
+  python -m benchmarks.sampling_speed [--models tiny S/2] [--samplers ddim] [--num_steps 50]
 
-For each model and sampler it prints images/s of the whole guided sampling loop (cfg 4, doubled
-batch), compiled once as dit-jax does it, and of the same sampler driven step by step from
-Python (one dispatch per step). Needs only jax/flax/numpy (no TensorFlow, no ml_collections).
+For each model and sampler (default: every one of `dit_jax.samplers.SAMPLERS`) it prints images/s
+of the whole guided sampling loop (cfg 4, doubled batch), compiled once as dit-jax does it, and
+of the same sampler's step driven from Python (one dispatch per step). Needs only
+jax/flax/numpy (no TensorFlow, no ml_collections).
 """
 import argparse
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dit_jax.diffusion import create_diffusion
-from dit_jax.diffusion.dpm_solver import solver_coefficients, solver_timesteps
+from dit_jax import samplers
+from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import DiT, create_model, init_params
-from dit_jax.sampling import run_loop
-
-SAMPLERS = (("ddpm", 50), ("ddim", 50), ("dpm-solver++", 20))
+from dit_jax.samplers.guidance import guide
 
 
 def build(name: str):
@@ -32,60 +31,32 @@ def build(name: str):
   return model, params
 
 
-def model_fn_for(model: DiT, params):
-  def model_fn(x, t, y):
-    return model.apply({"params": params}, x, t, y, 4.0, method=DiT.forward_with_cfg)
-  return model_fn
+def make_loop(model, params, sampler, steps, z, labels) -> samplers.Loop:
+  """The registered sampler's chain for guided (scale 4) samples of `labels` from noise z."""
+  model_fn, noise, kwargs = guide(model, params, z, labels, cfg_scale=4.0)
+  return samplers.get(sampler)(OFFICIAL_PROCESS, model_fn, noise, jax.random.key(0),
+                               num_steps=steps, clip_denoised=False, eta=0.0,
+                               model_kwargs=kwargs)
 
 
-def scan_loop(model, params, sampler, steps, noise, y):
-  spacing = {"ddim": f"ddim{steps}", "ddpm": str(steps), "dpm-solver++": ""}[sampler]
-  diffusion = create_diffusion(spacing)
-  fn = jax.jit(lambda p, n: run_loop(diffusion, model_fn_for(model, p), n, jax.random.key(0),
-                                     sampler=sampler, eta=0.0, num_steps=steps,
-                                     clip_denoised=False, model_kwargs={"y": y}))
-  return lambda: fn(params, noise)
+def scan_loop(model, params, sampler, steps, z, labels):
+  """The whole chain compiled once (`samplers.run`: one lax.scan), as dit-jax samples."""
+  fn = jax.jit(lambda p, z: samplers.run(make_loop(model, p, sampler, steps, z, labels)))
+  return lambda: fn(params, z)
 
 
-def python_loop(model, params, sampler, steps, noise, y):
-  """The same sampler, one jitted step per Python iteration."""
-  model_fn = model_fn_for(model, params)
-  if sampler == "dpm-solver++":
-    diffusion = create_diffusion("")
-    ts = solver_timesteps(1000, steps)
-    coef = {k: np.asarray(v, np.float32) for k, v in
-            solver_coefficients(diffusion.alphas_cumprod, ts).items()}
-
-    @jax.jit
-    def step(x, prev, t, a, b, c, p, alpha, sigma):
-      eps = model_fn(x, jnp.full((x.shape[0],), t), y)[..., :x.shape[-1]]
-      x0 = (x - sigma * eps) / alpha
-      return a * x + b * (c * x0 + p * prev), x0
-
-    def run():
-      x, prev = noise, jnp.zeros_like(noise)
-      for i, t in enumerate(ts):
-        x, prev = step(x, prev, int(t), *(coef[k][i] for k in "abcp"), coef["alpha"][i],
-                       coef["sigma"][i])
-      return x
-    return run
-  spacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-  diffusion = create_diffusion(spacing)
-
-  @jax.jit
-  def step(x, i, key):
-    t = jnp.full((x.shape[0],), i)
-    if sampler == "ddim":
-      return diffusion.ddim_sample(model_fn, x, t, clip_denoised=False,
-                                   model_kwargs={"y": y})["sample"]
-    return diffusion.p_sample(model_fn, x, t, key, clip_denoised=False,
-                              model_kwargs={"y": y})["sample"]
+def python_loop(model, params, sampler, steps, z, labels):
+  """The same sampler's step, jitted, one dispatch per step from Python."""
+  loop = make_loop(model, params, sampler, steps, z, labels)
+  step = jax.jit(loop.step)
+  xs = jax.device_get(loop.xs)
+  num = len(jax.tree.leaves(xs)[0])
 
   def run():
-    x = noise
-    for i in reversed(range(diffusion.num_timesteps)):
-      x = step(x, i, jax.random.fold_in(jax.random.key(0), i))
-    return x
+    carry = loop.init
+    for i in range(num):
+      carry = step(carry, jax.tree.map(lambda a: a[i], xs))
+    return loop.finish(carry)
   return run
 
 
@@ -99,12 +70,19 @@ def timed(run, repeats: int) -> tuple[float, float]:
   return first, (time.perf_counter() - start) / repeats
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", nargs="+", default=["tiny", "S/2"])
+  parser.add_argument("--samplers", nargs="+", default=list(samplers.SAMPLERS),
+                      choices=list(samplers.SAMPLERS), help="default: every registered one")
+  parser.add_argument("--num_steps", type=int, default=50, help="model evaluations")
   parser.add_argument("--batch", type=int, default=8, help="images (the model sees 2x)")
   parser.add_argument("--repeats", type=int, default=2)
-  args = parser.parse_args()
+  return parser.parse_args(argv)
+
+
+def main() -> None:
+  args = parse_args()
   print(f"device: {jax.devices()[0].device_kind}, batch {args.batch} (x2 for guidance)")
   print("| model | sampler | steps | compiled loop img/s | Python loop img/s | speed-up | "
         "compile s |")
@@ -113,13 +91,13 @@ def main() -> None:
     model, params = build(name)
     z = jax.random.normal(jax.random.key(2), (args.batch, model.input_size, model.input_size,
                                                model.in_channels))
-    noise = jnp.concatenate([z, z])
-    y = jnp.concatenate([jnp.arange(args.batch) % model.num_classes,
-                         jnp.full((args.batch,), model.num_classes)])
-    for sampler, steps in SAMPLERS:
-      first, scan_s = timed(scan_loop(model, params, sampler, steps, noise, y), args.repeats)
-      _, py_s = timed(python_loop(model, params, sampler, steps, noise, y), args.repeats)
-      print(f"| {name} | {sampler} | {steps} | {args.batch / scan_s:.3g} | "
+    labels = jnp.arange(args.batch) % model.num_classes
+    for sampler in args.samplers:
+      first, scan_s = timed(scan_loop(model, params, sampler, args.num_steps, z, labels),
+                            args.repeats)
+      _, py_s = timed(python_loop(model, params, sampler, args.num_steps, z, labels),
+                      args.repeats)
+      print(f"| {name} | {sampler} | {args.num_steps} | {args.batch / scan_s:.3g} | "
             f"{args.batch / py_s:.3g} | {py_s / scan_s:.2f}x | {first - scan_s:.1f} |",
             flush=True)
 

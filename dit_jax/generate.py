@@ -9,11 +9,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import fs
+from dit_jax import fs, samplers
 from dit_jax import images as image_io
 from dit_jax.diffusion import DiffusionProcess
 from dit_jax.models import DiT
-from dit_jax.sampling import make_sample_fn
+from dit_jax.samplers.guidance import make_sample_fn
 
 
 SAMPLE_RNG_TAG = 1_000_003  # fold_in tag: sample noise never collides with a train step's rng
@@ -25,7 +25,7 @@ GRID_MIN_SIDE = 64  # small images are magnified (nearest neighbour) to at least
 class SamplingSpec:
   """How to sample: the process, the sampler, its steps and guidance. Defaults: the paper's FID
   setting."""
-  sampler: str = "ddpm"  # "ddpm" | "ddim" | "dpm-solver++"
+  sampler: str = "ddpm"  # a name of dit_jax.samplers.SAMPLERS
   num_steps: int = 250
   cfg_scale: float = 1.5  # 4.0 for pictures, 1.5 for FID, 1.0 unguided
   guidance_channels: Optional[int] = 3  # 3: the official quirk; None: all latent channels
@@ -37,8 +37,12 @@ class SamplingSpec:
 
 
 def spec_from_config(config: Any) -> SamplingSpec:
-  """The sampling settings of a training config (`config.sample`, `config.diffusion`, seed)."""
+  """The sampling settings of a training config (`config.sample`, `config.diffusion`, seed).
+
+  An unknown `config.sample.sampler` is refused here, naming the registered ones.
+  """
   cfg = config.sample
+  samplers.get(cfg.sampler, "config.sample.sampler")
   return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, seed=config.seed,

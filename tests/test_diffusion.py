@@ -16,6 +16,9 @@ from dit_jax.diffusion import (
     get_named_beta_schedule,
     space_timesteps,
 )
+from dit_jax.samplers.ddim import (ddim_reverse_sample, ddim_reverse_sample_loop, ddim_sample,
+                                   ddim_sample_loop)
+from dit_jax.samplers.ddpm import p_sample_loop
 
 TABLES = ["betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
           "posterior_mean_coef1", "posterior_mean_coef2"]
@@ -237,7 +240,7 @@ def test_p_sample_loop_jit_deterministic_single_trace():
   diffusion = create_diffusion("10")
   counter = []
   model_fn = _counting_zero_model(counter)
-  sample = jax.jit(lambda noise, key: diffusion.p_sample_loop(model_fn, noise, key))
+  sample = jax.jit(lambda noise, key: p_sample_loop(diffusion, model_fn, noise, key))
   noise = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
   a = sample(noise, jax.random.PRNGKey(2))
   b = sample(noise, jax.random.PRNGKey(2))
@@ -255,20 +258,20 @@ def test_ddim_sample_loop_jit_and_eta():
   noise = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
   y = jnp.array([3, 5])
 
-  ddim = jax.jit(lambda n, key: diffusion.ddim_sample_loop(
+  ddim = jax.jit(lambda n, key: ddim_sample_loop(diffusion,
       model_fn, n, eta=0.0, rng=key, model_kwargs={"y": y}))
   a = ddim(noise, jax.random.PRNGKey(0))
   b = ddim(noise, jax.random.PRNGKey(1))
   assert len(counter) == 1
   np.testing.assert_array_equal(a, b)  # eta = 0: the key does not matter
-  c = diffusion.ddim_sample_loop(model_fn, noise)  # no key at all
+  c = ddim_sample_loop(diffusion, model_fn, noise)  # no key at all
   assert_rel_close(c, a, rtol=1e-6, name="eager vs jit")
 
   with pytest.raises(ValueError):
-    diffusion.ddim_sample_loop(model_fn, noise, eta=0.5)
+    ddim_sample_loop(diffusion, model_fn, noise, eta=0.5)
   with pytest.raises(ValueError):
-    diffusion.ddim_sample(model_fn, noise, jnp.array([3, 3]), eta=1.0)
-  noisy = jax.jit(lambda n, key: diffusion.ddim_sample_loop(model_fn, n, eta=0.5, rng=key))
+    ddim_sample(diffusion, model_fn, noise, jnp.array([3, 3]), eta=1.0)
+  noisy = jax.jit(lambda n, key: ddim_sample_loop(diffusion, model_fn, n, eta=0.5, rng=key))
   d1 = noisy(noise, jax.random.PRNGKey(0))
   d2 = noisy(noise, jax.random.PRNGKey(0))
   d3 = noisy(noise, jax.random.PRNGKey(1))
@@ -284,7 +287,8 @@ def test_model_kwargs_passed_through():
   def model_fn(x, t, y, cfg_scale):
     seen.append((y, cfg_scale))
     return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],))
-  diffusion.ddim_sample_loop(model_fn, jnp.ones(SHAPE), model_kwargs={"y": y, "cfg_scale": 4.0})
+  ddim_sample_loop(diffusion, model_fn, jnp.ones(SHAPE),
+                   model_kwargs={"y": y, "cfg_scale": 4.0})
   assert seen == [(y, 4.0)]
 
 
@@ -319,15 +323,15 @@ def test_ddim_exact_on_point_mass_data():
     return exact(x, t)
 
   # Sampling: any noise is carried exactly onto x0.
-  sample = jax.jit(lambda n: diffusion.ddim_sample_loop(model_fn, n, clip_denoised=False))(z)
+  sample = jax.jit(lambda n: ddim_sample_loop(diffusion, model_fn, n, clip_denoised=False))(z)
   assert_rel_close(sample, x0, name="ddim sample")
 
   # Encoding: the step-0 state of the trajectory through (x0, z) is mapped back to z.
   ab0 = base.alphas_cumprod[diffusion.timestep_map[0]]
   x_first = math.sqrt(ab0) * x0 + math.sqrt(1 - ab0) * z
-  encoded = jax.jit(lambda x: diffusion.ddim_reverse_sample_loop(
+  encoded = jax.jit(lambda x: ddim_reverse_sample_loop(diffusion,
       model_fn, x, clip_denoised=False))(x_first)
   assert_rel_close(encoded, z, name="ddim reverse")
   assert len(counter) == 2  # one trace per loop
   with pytest.raises(ValueError):
-    diffusion.ddim_reverse_sample(model_fn, x_first, jnp.zeros(2, jnp.int32), eta=0.5)
+    ddim_reverse_sample(diffusion, model_fn, x_first, jnp.zeros(2, jnp.int32), eta=0.5)

@@ -7,9 +7,10 @@ import pytest
 from conftest import fixture_path
 from dit_jax.convert import load_torch_checkpoint
 from dit_jax.diffusion import create_diffusion
-from dit_jax.diffusion.dpm_solver import (dpm_solver_pp_sample_loop, solver_coefficients,
-                                          solver_timesteps)
 from dit_jax.models import DiT
+from dit_jax.samplers.ddim import ddim_sample_loop
+from dit_jax.samplers.dpm_solver import (dpm_solver_pp_sample_loop, solver_coefficients,
+                                         solver_timesteps)
 
 
 def test_timesteps_and_first_order_coefficients():
@@ -71,9 +72,9 @@ def guided_setup():
 def test_twenty_steps_closer_to_the_ode_than_ddim(guided_setup):
   model_fn, noise, y = guided_setup
   kwargs = {"y": y}
-  reference = jax.jit(lambda n: create_diffusion("ddim1000").ddim_sample_loop(
+  reference = jax.jit(lambda n: ddim_sample_loop(create_diffusion("ddim1000"),
       model_fn, n, clip_denoised=False, model_kwargs=kwargs))(noise)
-  ddim20 = jax.jit(lambda n: create_diffusion("ddim20").ddim_sample_loop(
+  ddim20 = jax.jit(lambda n: ddim_sample_loop(create_diffusion("ddim20"),
       model_fn, n, clip_denoised=False, model_kwargs=kwargs))(noise)
   dpm20 = jax.jit(lambda n: dpm_solver_pp_sample_loop(
       create_diffusion(""), model_fn, n, num_steps=20, model_kwargs=kwargs))(noise)

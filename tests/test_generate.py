@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import generate
-from dit_jax.diffusion import create_diffusion
+from dit_jax import generate, samplers
+from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import DiT, create_model, init_params
 from train_utils import ROOT, env_with_devices, run_train
 
@@ -56,13 +56,12 @@ def test_guidance_scale_one_equals_unguided(pixel_model, sampler):
   def plain(x, t, y):
     return model.apply({"params": params}, x, t, y)
 
-  from dit_jax.sampling import run_loop
-  spacing = "ddim10" if sampler == "ddim" else ""
-  kw = dict(sampler=sampler, eta=0.0, num_steps=10, clip_denoised=False)
-  out_guided = run_loop(create_diffusion(spacing), guided, jnp.concatenate([noise, noise]),
-                        jax.random.key(1), model_kwargs={"y": jnp.array([1, 5, 10, 10])}, **kw)
-  out_plain = run_loop(create_diffusion(spacing), plain, noise, jax.random.key(1),
-                       model_kwargs={"y": labels}, **kw)
+  kw = dict(eta=0.0, num_steps=10, clip_denoised=False)
+  out_guided = samplers.run(samplers.get(sampler)(
+      OFFICIAL_PROCESS, guided, jnp.concatenate([noise, noise]), jax.random.key(1),
+      model_kwargs={"y": jnp.array([1, 5, 10, 10])}, **kw))
+  out_plain = samplers.run(samplers.get(sampler)(
+      OFFICIAL_PROCESS, plain, noise, jax.random.key(1), model_kwargs={"y": labels}, **kw))
   np.testing.assert_allclose(out_guided[:2], out_plain, rtol=1e-4, atol=1e-5)
 
 
@@ -194,7 +193,7 @@ def test_sample_py_decodes_latents_with_the_vae(tmp_path):
 
 def test_guidance_is_applied_with_and_without_batch_sharding(pixel_model):
   """make_sample_fn guides alike with and without a batch sharding."""
-  from dit_jax.sampling import make_sample_fn
+  from dit_jax.samplers.guidance import make_sample_fn
   model, params = pixel_model
   labels = np.array([0, 3, 7, 9], np.int32)
   kwargs = dict(sampler="ddim", num_steps=5, guidance_channels=None, clip_denoised=True)

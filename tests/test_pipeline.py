@@ -9,6 +9,8 @@ from configs import imagenet, tiny
 from dit_jax.convert import load_torch_checkpoint
 from dit_jax.diffusion import create_diffusion
 from dit_jax.models import VARIANTS, DiT, build_model, count_params, init_params
+from dit_jax.samplers.ddim import ddim_sample_loop
+from dit_jax.samplers.ddpm import p_sample_loop
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_guided_ddim_loop_matches_official(dit_ref, tiny_setup):
   np.testing.assert_array_equal(diffusion.timestep_map, dit_ref["ddim_timesteps"])
   model_fn = guided_model_fn(model, params)
   kwargs = dict(y=jnp.asarray(dit_ref["ddim_y"]), cfg_scale=float(dit_ref["ddim_cfg_scale"]))
-  sample = jax.jit(lambda noise: diffusion.ddim_sample_loop(
+  sample = jax.jit(lambda noise: ddim_sample_loop(diffusion,
       model_fn, noise, eta=0.0, clip_denoised=False, model_kwargs=kwargs))(
           jnp.asarray(nchw_to_nhwc(dit_ref["ddim_noise"])))
   assert_rel_close(sample, nchw_to_nhwc(dit_ref["ddim_out"]), name="ddim_out")
@@ -44,8 +46,8 @@ def test_ddpm_loop_with_model_is_deterministic_and_finite(tiny_setup):
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   noise = jnp.concatenate([z, z])
   kwargs = dict(y=jnp.array([1, 2, 10, 10]), cfg_scale=4.0)
-  run = jax.jit(lambda n, key: diffusion.p_sample_loop(model_fn, n, key, clip_denoised=False,
-                                                       model_kwargs=kwargs))
+  run = jax.jit(lambda n, key: p_sample_loop(diffusion, model_fn, n, key, clip_denoised=False,
+                                              model_kwargs=kwargs))
   a = run(noise, jax.random.key(1))
   b = run(noise, jax.random.key(1))
   c = run(noise, jax.random.key(2))

@@ -34,8 +34,8 @@ def test_readme_python_example_runs(tmp_path):
                   "64", "--num-classes", "10", "--out", str(ckpt)], check=True, cwd=ROOT)
   code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
   # The same example on the tiny model: 8x8 latents, 10 classes (null class 10).
-  for old, new in [('"checkpoints/dit_xl2_256"', repr(str(ckpt))), ("(4, 32, 32, 4)", "(4, 8, 8, 4)"),
-                   ("[207, 360, 387, 974]", "[1, 3, 5, 9]"), ("1000)", "10)")]:
+  for old, new in [('"checkpoints/dit_xl2_256"', repr(str(ckpt))),
+                   ("[207, 360, 387, 974]", "[1, 3, 5, 9]")]:
     assert old in code, old
     code = code.replace(old, new)
   namespace = {}

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: forward process, model posterior and training losses (samplers: sampling.py).
+"""Gaussian diffusion: forward process, model posterior and training losses.
 
 A JAX port of the official DiT `diffusion/` package (itself from OpenAI's improved-diffusion /
 guided-diffusion), keeping its public names. Differences in form, not in numbers:
@@ -8,7 +8,10 @@ guided-diffusion), keeping its public names. Differences in form, not in numbers
 * Respacing is not a subclass: every `GaussianDiffusion` carries a `timestep_map` (identity when
   not respaced) and the model is always called with `timestep_map[t]`, the original step numbers,
   exactly like the official `SpacedDiffusion` wrapper (DiT does not rescale timesteps).
-* Randomness is explicit (`rng` keys); sampling loops are single `jax.lax.scan`s.
+* Randomness is explicit (`rng` keys).
+* The samplers (`p_sample_loop`, `ddim_sample_loop`, DPM-Solver++) are not methods: they live
+  in `dit_jax.samplers`, functions of a `GaussianDiffusion` that use only its public methods and
+  tables (this module imports nothing of them).
 
 The float64 numpy tables are read at trace time and become float32 constants, so a diffusion
 object can simply be closed over inside `jax.jit`.
@@ -24,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from dit_jax.diffusion import sampling
-from dit_jax.diffusion.sampling import ModelFn
 from dit_jax.diffusion.schedules import extract_into_tensor as _extract_into_tensor
 from dit_jax.diffusion.schedules import get_named_beta_schedule, respace_betas, space_timesteps
+
+# model_fn(x [N, H, W, C], timesteps [N] (original step numbers), **model_kwargs) -> output.
+ModelFn = Callable[..., jax.Array]
 
 
 class ModelMeanType(enum.Enum):
@@ -59,8 +63,7 @@ class GaussianDiffusion:
   """Utilities for training and sampling diffusion models (NHWC, jit-compatible).
 
   All methods take `t` as int `[N]` indices into THIS process (0 .. num_timesteps - 1). The
-  samplers (p_sample, p_sample_loop, ddim_sample, ddim_sample_loop, ddim_reverse_sample,
-  ddim_reverse_sample_loop) are the functions of sampling.py, exposed as methods.
+  samplers are functions of it in `dit_jax.samplers` (`ddpm.p_sample_loop(diffusion, ...)`).
 
   Attributes:
     num_timesteps: number of steps of this (possibly respaced) process.
@@ -161,8 +164,10 @@ class GaussianDiffusion:
     return (_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
-  def _predict_eps_from_xstart(self, x_t: jax.Array, t: jax.Array,
-                               pred_xstart: jax.Array) -> jax.Array:
+  def predict_eps_from_xstart(self, x_t: jax.Array, t: jax.Array,
+                              pred_xstart: jax.Array) -> jax.Array:
+    """The noise that takes x_0 = pred_xstart to x_t at step t (DDIM's eps, whatever the model
+    predicts)."""
     return ((_extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
              - pred_xstart)
             / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
@@ -321,14 +326,6 @@ class GaussianDiffusion:
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, self.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
     return self.training_losses(model_fn, x_start, t, model_kwargs, noise=noise)
-
-  # The samplers live in sampling.py (file size); as methods they read like the reference's.
-  p_sample = sampling.p_sample
-  p_sample_loop = sampling.p_sample_loop
-  ddim_sample = sampling.ddim_sample
-  ddim_sample_loop = sampling.ddim_sample_loop
-  ddim_reverse_sample = sampling.ddim_reverse_sample
-  ddim_reverse_sample_loop = sampling.ddim_reverse_sample_loop
 
 
 def spaced_diffusion(use_timesteps: Sequence[int] | set[int], *, betas: np.ndarray,

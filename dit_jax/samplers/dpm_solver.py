@@ -2,7 +2,8 @@
 
 An ODE solver in the half log-SNR lambda = log(alpha / sigma) of the discrete 1000-step
 process; it uses only the x0 prediction (the model's, or derived from its noise prediction; the
-learned variance is ignored: the probability flow ODE has none). Guidance works through `model_fn` like for the other samplers.
+learned variance is ignored: the probability flow ODE has none). Guidance works through
+`model_fn` like for the other samplers.
 
 With x0 predictions D_i at steps s_i > s_{i+1} and h_i = lambda_{i+1} - lambda_i, the update is
 
@@ -13,13 +14,15 @@ first order (D'_i = D_i) at the first step and at the last, which lands on sigma
 result is the final x0 prediction. All coefficients are precomputed in float64 and the loop is
 one `lax.scan`, so every step is the same compiled update.
 """
-from typing import Any, Callable, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType
+from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion, ModelMeanType
+from dit_jax.diffusion.gaussian_diffusion import ModelFn
+from dit_jax.samplers.loop import Loop, run
 
 
 def solver_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
@@ -52,10 +55,10 @@ def solver_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> di
   return {"a": a, "b": b, "c": c, "p": p, "alpha": alpha, "sigma": sigma}
 
 
-def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[..., jax.Array],
+def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn,
                               noise: jax.Array, num_steps: int = 20,
                               clip_denoised: bool = False,
-                              model_kwargs: Optional[dict[str, Any]] = None) -> jax.Array:
+                              model_kwargs: Optional[Mapping[str, Any]] = None) -> jax.Array:
   """Samples with DPM-Solver++(2M) in `num_steps` model evaluations.
 
   Args:
@@ -69,6 +72,22 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[.
   Returns:
     [N, H, W, C] samples.
   """
+  return run(_loop(diffusion, model_fn, noise, num_steps, clip_denoised, model_kwargs))
+
+
+def sampler(process: DiffusionProcess, model_fn: ModelFn, noise: jax.Array, rng: jax.Array, *,
+            num_steps: int, clip_denoised: bool, eta: float,
+            model_kwargs: Mapping[str, Any]) -> Loop:
+  """DPM-Solver++(2M), an ODE solver for 10-25 steps using the x0 predictions only.
+
+  Deterministic: `rng` and `eta` are not used; the learned variance is ignored.
+  """
+  del rng, eta
+  return _loop(process.diffusion(""), model_fn, noise, num_steps, clip_denoised, model_kwargs)
+
+
+def _loop(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: jax.Array, num_steps: int,
+          clip_denoised: bool, model_kwargs: Optional[Mapping[str, Any]]) -> Loop:
   if not np.array_equal(diffusion.timestep_map, np.arange(diffusion.num_timesteps)):
     raise ValueError("diffusion: DPM-Solver++ needs the unspaced process (create_diffusion(''))")
   timesteps = solver_timesteps(diffusion.num_timesteps, num_steps)
@@ -87,7 +106,7 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: Callable[.
     if clip_denoised:
       x0 = jnp.clip(x0, -1.0, 1.0)
     x_next = s["a"] * x + s["b"] * (s["c"] * x0 + s["p"] * prev_x0)
-    return (x_next.astype(x.dtype), x0.astype(x.dtype)), None
+    return x_next.astype(x.dtype), x0.astype(x.dtype)
 
-  (x, _), _ = jax.lax.scan(step, (noise, jnp.zeros_like(noise)), xs)
-  return x
+  # The carry: the state and the previous x0 prediction; the last step lands on x0 itself.
+  return Loop(init=(noise, jnp.zeros_like(noise)), step=step, xs=xs, finish=lambda c: c[0])
