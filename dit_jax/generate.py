@@ -82,12 +82,18 @@ def _sample_fn(model: DiT, spec: SamplingSpec, batch: int,
 
 
 def sample(model: DiT, params: Any, spec: SamplingSpec, labels: np.ndarray, rng: jax.Array,
-           mesh: Optional[Mesh] = None) -> np.ndarray:
+           mesh: Optional[Mesh] = None, batch_size: Optional[int] = None) -> np.ndarray:
   """Samples [N, H, W, C] in the model's space (pixels or latents) for labels [N], any N.
 
   The batch is padded to a multiple of the mesh's devices; with the default threefry keys a
-  sample's noise depends on its index only, so the padding does not change the others.
+  sample's noise depends on its index only, so the padding does not change the others. With
+  `batch_size`, at most that many at a time: the chunk starting at sample i is drawn with the
+  key `jax.random.fold_in(rng, i)` (training's digits grade).
   """
+  if batch_size is not None:
+    return np.concatenate([sample(model, params, spec, labels[i:i + batch_size],
+                                  jax.random.fold_in(rng, i), mesh)
+                           for i in range(0, len(labels), batch_size)])
   mesh = default_mesh() if mesh is None else mesh
   labels = np.asarray(labels, np.int32)
   n = len(labels)

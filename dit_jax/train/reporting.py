@@ -120,10 +120,6 @@ class Reporter:
     self.metrics.append(step, scalars)
     logging.info("%s", _step_line(step, self.config.num_steps, scalars, terms))
 
-  def generate(self, params: Any, labels: np.ndarray, rng: jax.Array) -> np.ndarray:
-    """EMA samples [N, H, W, C] in the model's space for the given labels."""
-    return generate.sample(self.model, params, self.spec, labels, rng, self.mesh)
-
   def sample_grid(self, step: int, params: Any) -> Optional[str]:
     """The grid of `generate.sample_grid` for `config.sample.classes` (fixed noise across
     steps): what `sample.py` draws from this step's checkpoint with the same settings."""
@@ -149,9 +145,9 @@ class Reporter:
     cfg = self.config.eval
     labels = np.arange(cfg.num_samples, dtype=np.int32) % self.model.num_classes
     rng = jax.random.fold_in(self._sample_rng, step)
-    chunks = [self.generate(params, labels[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
-              for i in range(0, cfg.num_samples, cfg.batch_size)]
-    grade = DigitsGrader(seed=self.config.seed).grade(np.concatenate(chunks), labels)
+    samples = generate.sample(self.model, params, self.spec, labels, rng, self.mesh,
+                              batch_size=cfg.batch_size)
+    grade = DigitsGrader(seed=self.config.seed).grade(samples, labels)
     results = {"eval/digits_accuracy": float(grade["accuracy"]),
                "eval/digits_frechet_distance": float(grade["frechet_distance"]),
                "eval/num_samples": int(grade["num_samples"])}
