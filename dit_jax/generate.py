@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import fs, samplers
+from dit_jax import fs, logs, samplers
 from dit_jax import images as image_io
 from dit_jax.diffusion import DiffusionProcess
 from dit_jax.models import DiT
@@ -176,7 +176,7 @@ def generate_npz(model: DiT, params: Any, spec: SamplingSpec, num_samples: int, 
   num_chunks = math.ceil(num_samples / batch_size)
   sample = _sample_fn(model, spec, batch_size)
   base = jax.random.key(spec.seed)
-  bar = _progress(num_samples, progress)
+  bar = logs.progress_bar(num_samples, "sampling", progress and jax.process_index() == 0)
   for i in range(num_chunks):
     if not fs.exists(_part_path(parts_dir, i)):
       rng = jax.random.fold_in(base, i)
@@ -212,18 +212,3 @@ def _write_npz(path: str, overwrite: bool = True, **arrays: np.ndarray) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   fs.write_bytes(path, buffer.getbuffer(), overwrite=overwrite)
-
-
-class _NoBar:
-  def update(self, n: int) -> None:
-    del n
-
-  def close(self) -> None:
-    pass
-
-
-def _progress(total: int, enabled: bool):
-  if not enabled or jax.process_index() != 0:
-    return _NoBar()
-  from tqdm import tqdm  # a progress bar with img/s and ETA
-  return tqdm(total=total, unit="img", desc="sampling", smoothing=0.1)

@@ -70,6 +70,17 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
     _import_tensorflow_without_info()
 
 
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+  """The one progress bar of long jobs (sampling, latent extraction): images, img/s, ETA.
+
+  A tqdm bar (`update(n)`, `close()`) on stderr; when not `enabled` (another process than the
+  first, or `progress=False`) the same object, silent.
+  """
+  from tqdm import tqdm  # only the programs with long jobs need it
+  return tqdm(total=total, initial=initial, unit="img", desc=desc, smoothing=0.1,
+              disable=not enabled)
+
+
 def _abandoned_read(unraisable: Any) -> bool:
   """An error of a read that a failed orbax restore left behind (see the module docstring)."""
   value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)

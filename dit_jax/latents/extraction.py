@@ -32,7 +32,7 @@ from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import fs
+from dit_jax import fs, logs
 from dit_jax.data import preprocess
 from dit_jax.data.pipeline import WorkerPools
 from dit_jax.data.sources import Source, source_from_config
@@ -287,7 +287,7 @@ def _encode_chunks(source: Source, out_dir: str, chunks: Sequence[int], *,
                 for start in starts)
   load = functools.partial(_load_example, source, image_size, vae_config.in_channels)
   mine = sum(_chunk_len(k, chunk_size, num_examples) for k in chunks)
-  bar = _progress_bar(done + mine, done, progress)
+  bar = logs.progress_bar(done + mine, "encoding latents", progress, initial=done)
   chunk_records: list[bytes] = []
 
   def finish(chunk: int, labels: list[int], moments: jax.Array, last: bool) -> None:
@@ -318,12 +318,6 @@ def _encode_chunks(source: Source, out_dir: str, chunks: Sequence[int], *,
   finally:
     workers.close()
   bar.close()
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit="img", desc="encoding latents", smoothing=0.1,
-              disable=not enabled)
 
 
 def extract_from_config(config: Any, vae_dir: str, out_dir: str, *, batch_size: int = 64,
