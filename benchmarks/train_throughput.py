@@ -14,7 +14,6 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import create_model
@@ -22,11 +21,6 @@ from dit_jax.train import sharding as shd
 from dit_jax.train import state as state_lib
 from dit_jax.train.step import train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
-
-RULES = (("batch", "data"), ("embed", None), ("mlp", None), ("qkv", None), ("heads", None),
-         ("adaln", None), ("layers", None), ("patch", None), ("out_patch", None),
-         ("time_freq", None), ("time_embed", None), ("classes", None))
-
 
 def latents(batch, rng, frozen):
   """The step's x0: the batch's random latents as they are."""
@@ -41,20 +35,20 @@ def measure(variant: str, batch: int, dtype: str, steps: int, remat: str | None,
   optimizer = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999,
                                     eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
   tx, schedule = state_lib.make_optimizer(optimizer)
-  mesh = shd.make_mesh(("data",), (-1,))
-  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
-                         jax.random.key(0))
-  state_shardings = shd.tree_shardings(boxed, mesh, RULES)
-  state = jax.jit(functools.partial(state_lib.init_state, model=model, tx=tx),
-                  out_shardings=state_shardings)(jax.random.key(0))
-  data = NamedSharding(mesh, PartitionSpec("data"))
+  # The trainer's layout with its default mesh and axis rules: data parallel over all devices.
+  mesh = shd.make_mesh(shd.MESH_AXES, (-1, 1, 1))
+  spec = {"images": jax.ShapeDtypeStruct((batch, 32, 32, 4), np.float32),
+          "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
+  layout = state_lib.make_layout(model, tx, spec, mesh, shd.AXIS_RULES)
+  state = state_lib.init_sharded(model, tx, layout, jax.random.key(0))
+  state_shardings = layout.state
   batch_arrays = {
       "images": jax.device_put(np.random.default_rng(0).standard_normal(
-          (batch, 32, 32, 4), np.float32), data),
-      "labels": jax.device_put(np.arange(batch, dtype=np.int32) % 1000, data)}
+          (batch, 32, 32, 4), np.float32), layout.batch["images"]),
+      "labels": jax.device_put(np.arange(batch, dtype=np.int32) % 1000, layout.batch["labels"])}
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=schedule,
                                    ema_decay=0.9999, process=OFFICIAL_PROCESS, x0=latents),
-                 in_shardings=(state_shardings, {"images": data, "labels": data},
+                 in_shardings=(state_shardings, layout.batch,
                                shd.replicated(mesh), shd.replicated(mesh)),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
   rng = jax.random.key(1)

@@ -2,6 +2,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from dit_jax.train import sharding
+
 
 def optional(field_type: type) -> config_dict.FieldReference:
   """A field that is None by default but typed, so `--config.x=...` overrides it."""
@@ -37,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.input_size = 32  # side of the model's input (latent side = image_size / 8).
   config.model.in_channels = 4  # 4: VAE latents; 3 (RGB) or 1 (gray) in pixel space.
   config.model.num_classes = 1000  # labels 0..num_classes-1; num_classes is the null class.
-  config.model.learn_sigma = True  # second half of the output: variance values.
+  # Second half of the output: variance values (the process learns sigma iff the model does).
+  config.model.learn_sigma = True
   config.model.class_dropout_prob = 0.1  # label -> null class, for classifier-free guidance.
   # Architecture overrides (None: the variant's value), for custom sizes.
   config.model.depth = optional(int)
@@ -52,11 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
   config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
 
+  # The process (dit_jax.diffusion.process_from_config); learn_sigma is model.learn_sigma. Training
+  # draws t from every step; samplers respace it (sample.num_steps).
   config.diffusion = ml_collections.ConfigDict()
-  config.diffusion.timestep_respacing = ""  # training uses all steps.
   config.diffusion.noise_schedule = "linear"  # or "squaredcos_cap_v2".
   config.diffusion.diffusion_steps = 1000  # T: the number of noise levels.
-  config.diffusion.learn_sigma = True  # must equal model.learn_sigma.
   config.diffusion.sigma_small = False  # fixed variance (learn_sigma=False): posterior's or beta.
   config.diffusion.predict_xstart = False  # the model predicts x_0 (else the noise eps).
   config.diffusion.use_kl = False  # loss: the variational bound alone (else MSE [+ VB]).
@@ -81,13 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh: data parallel over `data`, parameters sharded over `fsdp`, matmuls over `tensor`.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.axis_names = ("data", "fsdp", "tensor")
+  config.mesh.axis_names = sharding.MESH_AXES  # ("data", "fsdp", "tensor")
   config.mesh.axis_sizes = (-1, 1, 1)  # -1 takes the remaining devices.
-  # Logical axis (the model's annotations) -> mesh axis or None (replicated).
-  config.axis_rules = (
-      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
-      ("heads", "tensor"), ("adaln", "tensor"), ("layers", None), ("patch", None),
-      ("out_patch", None), ("time_freq", None), ("time_embed", None), ("classes", None))
+  # Logical axis (the model's annotations) -> mesh axis or None (replicated); the table is in
+  # dit_jax/train/sharding.py (the throughput benchmark uses it too).
+  config.axis_rules = sharding.AXIS_RULES
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5000  # and at the last step.

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import fs, logs, samplers
 from dit_jax import images as image_io
-from dit_jax.diffusion import DiffusionProcess
+from dit_jax.diffusion import DiffusionProcess, process_from_config
 from dit_jax.models import DiT
 from dit_jax.samplers.guidance import make_sample_fn
 
@@ -37,7 +37,7 @@ class SamplingSpec:
 
 
 def spec_from_config(config: Any) -> SamplingSpec:
-  """The sampling settings of a training config (`config.sample`, `config.diffusion`, seed).
+  """The sampling settings of a training config (`config.sample`, the process, seed).
 
   An unknown `config.sample.sampler` is refused here, naming the registered ones.
   """
@@ -46,7 +46,7 @@ def spec_from_config(config: Any) -> SamplingSpec:
   return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, seed=config.seed,
-                      process=DiffusionProcess.from_config(config.diffusion))
+                      process=process_from_config(config))
 
 
 def sample_key(seed: int) -> jax.Array:

@@ -18,10 +18,9 @@ LOSS_VARIANTS = {
     "hybrid": ({}, {"loss", "mse", "vb"}),
     "use_kl": ({"diffusion.use_kl": True}, {"loss", "vb"}),
     "predict_xstart": ({"diffusion.predict_xstart": True}, {"loss", "mse", "vb"}),
-    "fixed_large_sigma": ({"diffusion.learn_sigma": False, "model.learn_sigma": False},
-                          {"loss", "mse"}),
-    "sigma_small": ({"diffusion.learn_sigma": False, "model.learn_sigma": False,
-                     "diffusion.sigma_small": True}, {"loss", "mse"}),
+    "fixed_large_sigma": ({"model.learn_sigma": False}, {"loss", "mse"}),
+    "sigma_small": ({"model.learn_sigma": False, "diffusion.sigma_small": True},
+                    {"loss", "mse"}),
     # 100 steps, so that the rescaling (steps / 1000) shows.
     "rescale_learned_sigmas": ({"diffusion.rescale_learned_sigmas": True,
                                 "diffusion.diffusion_steps": 100}, {"loss", "mse", "vb"}),
@@ -58,8 +57,9 @@ def test_every_loss_variant_trains(variant):
   state, metrics = step(state, batch, rng)
   assert set(metrics) == terms | {"grad_norm", "param_norm", "learning_rate"}
 
-  # The same step through the official code path: create_diffusion(**config.diffusion).
-  diffusion = create_diffusion(**config.diffusion)
+  # The same step through the official code path: create_diffusion(**config.diffusion), with
+  # the model's learn_sigma (the process derives it from the model).
+  diffusion = create_diffusion("", learn_sigma=config.model.learn_sigma, **config.diffusion)
   _, loss_rng, dropout_rng = step_keys(rng, 0)
   t_rng, noise_rng = jax.random.split(loss_rng)
   t = jax.random.randint(t_rng, (16,), 0, diffusion.num_timesteps)
@@ -73,7 +73,7 @@ def test_every_loss_variant_trains(variant):
     np.testing.assert_allclose(metrics[name], want[name].mean(), rtol=2e-5, err_msg=name)
 
   # Training lowers the loss at fixed draws of t and noise.
-  process = process_from_config(config.diffusion)
+  process = process_from_config(config)
   built = process.diffusion()  # the sampling side too: the same variance and prediction
   assert (built.loss_type, built.model_mean_type, built.model_var_type) == (
       diffusion.loss_type, diffusion.model_mean_type, diffusion.model_var_type)
@@ -97,16 +97,16 @@ def test_process_from_config_records_the_sampling_settings_only():
   format they had, and a process that differs only in its loss is the same process."""
   config = tiny_config()
   config.diffusion.use_kl = True
-  process = process_from_config(config.diffusion)
+  process = process_from_config(config)
   assert process.to_dict() == {"noise_schedule": "linear", "diffusion_steps": 1000,
                                "learn_sigma": True, "sigma_small": False,
                                "predict_xstart": False}
-  assert process == process_from_config(tiny_config().diffusion)
+  assert process == process_from_config(tiny_config())
   assert process.diffusion().loss_type.name == "RESCALED_KL"
-  config.diffusion.timestep_respacing = "250"
-  with pytest.raises(ValueError, match=r"^config\.diffusion\.timestep_respacing: '250', but "
-                                       r"training uses every step"):
-    process_from_config(config.diffusion)
+  # learn_sigma is the model's: one key, not two that must agree.
+  config.model.learn_sigma = False
+  assert not process_from_config(config).learn_sigma
+  assert "learn_sigma" not in config.diffusion
 
 
 def test_reporter_logs_whatever_terms_the_process_returns(tmp_path, caplog):

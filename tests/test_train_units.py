@@ -85,7 +85,7 @@ def jit_train_step(config, model):
   tx, schedule = state_lib.make_optimizer(config.optimizer)
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=schedule,
                                    ema_decay=config.ema_decay, x0=pixels,
-                                   process=process_from_config(config.diffusion)))
+                                   process=process_from_config(config)))
   return tx, step
 
 
@@ -354,12 +354,11 @@ def test_resume_with_a_changed_config(tmp_path, caplog):
   import json
   import logging
   from dit_jax import checkpoints
-  from dit_jax.diffusion import DiffusionProcess
   from dit_jax.train import resume_check
 
   first = tiny_config()
   saved = checkpoints.saved_config(build_model(first.model),
-                                   DiffusionProcess.from_config(first.diffusion),
+                                   process_from_config(first),
                                    run=resume_check.run_config(first))
   check = functools.partial(resume_check.check_resume, saved, 300, where="ckpts")
   config = tiny_config()

@@ -104,16 +104,14 @@ class DiffusionProcess:
             f"prediction, {sigma}")
 
 
-def process_from_config(settings: Mapping[str, Any]) -> Process:
-  """The process a training config describes (`config.diffusion`).
+def process_from_config(config: Any) -> Process:
+  """The process a training config describes: `config.diffusion`, learning sigma iff the model
+  outputs variance values (`config.model.learn_sigma`: derived, not repeated in the config).
 
-  Training draws t from every step of the process: a respacing belongs to sampling
-  (`config.sample.num_steps`), so `timestep_respacing` must stay empty.
+  Training draws t from every step of the process; samplers respace it
+  (`config.sample.num_steps`).
   """
-  respacing = settings.get("timestep_respacing") or ""
-  if respacing:
-    raise ValueError(f"config.diffusion.timestep_respacing: {respacing!r}, but training uses "
-                     "every step of the process; samplers respace it (config.sample.num_steps)")
+  settings = {**config.diffusion, "learn_sigma": config.model.learn_sigma}
   return DiffusionProcess.from_config(settings)
 
 

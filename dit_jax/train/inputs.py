@@ -81,6 +81,23 @@ def make_inputs(config: Any, model: DiT) -> Inputs:
                        encode_params=vae_params, **pipeline)
 
 
+def element_spec_from_config(config: Any, model: DiT) -> dict[str, jax.ShapeDtypeStruct]:
+  """The `element_spec` that `make_inputs(config, model)` would have, from the config alone (no
+  data read): for checking a config, or laying a run out before its data is at hand."""
+  batch = config.batch_size
+  labels = jax.ShapeDtypeStruct((batch,), np.int32)
+  if config.latents_dir:  # the posterior's moments: mean and log-variance, 2x channels
+    side, channels = model.input_size, 2 * model.in_channels
+    return {"moments": jax.ShapeDtypeStruct((batch, side, side, channels), np.float32),
+            "labels": labels}
+  # Pixels (the model's channels: make_inputs refuses data of others), or images that the VAE
+  # encodes in the step (RGB unless config.data.channels says otherwise).
+  channels = (config.data.channels or 3) if config.vae.path else model.in_channels
+  side = config.data.image_size
+  return {"images": jax.ShapeDtypeStruct((batch, side, side, channels), np.float32),
+          "labels": labels}
+
+
 def _check_classes(num_classes: int, model: DiT) -> None:
   if num_classes != model.num_classes:
     raise ValueError(f"config.model.num_classes: {model.num_classes}, but the data has "

@@ -6,7 +6,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -26,15 +25,6 @@ from dit_jax.train.throughput import peak_flops, train_flops_per_image
 from dit_jax.train.workdir_lock import LeaseLock, WorkdirLock, lock_workdir
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where a run's arrays live, derived from the model's logical axes and the inputs' spec."""
-  mesh: jax.sharding.Mesh
-  state: Any  # the TrainState's shardings
-  abstract_state: Any  # its shapes with those shardings: the orbax restore target
-  batch: dict[str, jax.sharding.NamedSharding]  # one per array of the inputs' element spec
-
-
 @dataclasses.dataclass
 class Run:
   """What a run is built from, validated before any expensive work."""
@@ -43,7 +33,7 @@ class Run:
   inputs: Inputs
   tx: Any
   lr_schedule: Any
-  layout: Layout
+  layout: state_lib.Layout
   checkpointer: Checkpointer
   rng: jax.Array  # the train step's base key (each step folds in its number)
   init_rng: jax.Array
@@ -65,11 +55,9 @@ def setup(config: Any, workdir: str) -> Run:
       raise ValueError(f"config.{key}: must be positive, got {value}")
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
-  process = process_from_config(config.diffusion)
-  if process.learn_sigma != model.learn_sigma:
-    raise ValueError("config.diffusion.learn_sigma: must equal config.model.learn_sigma")
+  process = process_from_config(config)
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
-  rules = shd.rules_from_config(config.axis_rules)
+  rules = shd.rules_from_config(config.axis_rules, mesh.axis_names)
   check_batch_size(config.batch_size, mesh, rules)
   check_workdir(workdir)
   checkpoint_dir = fs.join(workdir, "checkpoints")
@@ -78,7 +66,7 @@ def setup(config: Any, workdir: str) -> Run:
     check_init_from(config.init_from, model, process)
   inputs = make_inputs(config, model)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer)
-  layout = make_layout(model, tx, inputs, mesh, rules)
+  layout = state_lib.make_layout(model, tx, inputs.element_spec, mesh, rules)
   # The first write: the workdir's lock, refused (naming the holder) while another run lives.
   lock = lock_workdir(workdir)
   try:
@@ -99,22 +87,6 @@ def setup(config: Any, workdir: str) -> Run:
              found[1] if found else None)
 
 
-def make_layout(model: DiT, tx: Any, inputs: Inputs, mesh: jax.sharding.Mesh,
-                rules: tuple) -> Layout:
-  """The shardings of the state (from the parameters' logical axes) and of a batch (its arrays'
-  leading axis is `batch`, whatever their rank)."""
-  boxed = jax.eval_shape(functools.partial(state_lib.init_state_boxed, model=model, tx=tx),
-                         jax.random.key(0))
-  state_shardings = shd.tree_shardings(boxed, mesh, rules)
-  # The same abstract tree, with shardings, is the orbax restore target.
-  abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
-      state_shardings)
-  batch = {name: shd.batch_sharding(mesh, rules, len(spec.shape))
-           for name, spec in inputs.element_spec.items()}
-  return Layout(mesh, state_shardings, abstract_state, batch)
-
-
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
   """The global batch must split evenly over the mesh axes that the `batch` axis maps to."""
   spec = shd.batch_sharding(mesh, rules, 1).spec
@@ -133,10 +105,12 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> 
 def check_workdir(workdir: str) -> None:
   """Refuses a workdir that is (under) a file or cannot be written; writes nothing.
 
-  A Cloud Storage workdir is not checked here: its permissions show at the first write, the
+  A Cloud Storage workdir's bucket must exist; its permissions show at the first write, the
   workdir lock, before anything else is written.
   """
   if not fs.is_local(workdir):
+    if not fs.exists(fs.bucket_of(workdir)):
+      raise ValueError(f"workdir: no bucket {fs.bucket_of(workdir)} (or no access to it)")
     return
   existing = workdir
   while not os.path.exists(existing):  # the workdir, or the ancestor that makedirs starts at
@@ -178,8 +152,7 @@ def initial_state(run: Run, config: Any) -> state_lib.TrainState:
     _, params = params_io.load_params(config.init_from, scan_blocks=run.model.scan_blocks)
     from_params = functools.partial(state_lib.state_from_params, tx=run.tx)
     return jax.jit(from_params, out_shardings=run.layout.state)(params)
-  init = functools.partial(state_lib.init_state, model=run.model, tx=run.tx)
-  return jax.jit(init, out_shardings=run.layout.state)(run.init_rng)
+  return state_lib.init_sharded(run.model, run.tx, run.layout, run.init_rng)
 
 
 def compile_step(run: Run, config: Any):

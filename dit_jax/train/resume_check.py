@@ -19,7 +19,7 @@ from typing import Any, Optional
 import jax
 
 from dit_jax import checkpoints, fs
-from dit_jax.diffusion import DiffusionProcess
+from dit_jax.diffusion import process_from_config
 
 # Keys (or sections) that do not change what is trained: changed without asking.
 FREE = ("num_steps", "log_every_steps", "tensorboard", "checkpoint", "sample", "eval",
@@ -55,7 +55,7 @@ def check_resume(saved: dict[str, Any], step: int, config: Any, where: str
 
   saved: the `config` item of the checkpoint resumed from (step `step` of `where`).
   """
-  process = DiffusionProcess.from_config(config.diffusion)
+  process = process_from_config(config)
   if checkpoints.process_of(saved) != process:
     raise ValueError(f"config.diffusion: {where} step {step} was trained for "
                      f"{checkpoints.process_of(saved).describe()}, the config asks for "

@@ -13,6 +13,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # Logical axis of the batch dimension of inputs.
 BATCH_AXIS = "batch"
+# The default mesh axes (config.mesh.axis_names): data parallel over `data`, parameters sharded
+# over `fsdp`, matmuls over `tensor`.
+MESH_AXES = ("data", "fsdp", "tensor")
+# The default rules (config.axis_rules): logical axis -> mesh axis or None (replicated).
+AXIS_RULES = (
+    (BATCH_AXIS, ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+    ("heads", "tensor"), ("adaln", "tensor"), ("layers", None), ("patch", None),
+    ("out_patch", None), ("time_freq", None), ("time_embed", None), ("classes", None))
 
 
 def make_mesh(axis_names: Sequence[str], axis_sizes: Sequence[int],

@@ -1,4 +1,6 @@
 """Train state (params, EMA, optimizer) and its creation directly in its sharded layout."""
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from dit_jax.models import DiT, dummy_inputs
+from dit_jax.train import sharding as shd
 
 
 @flax.struct.dataclass
@@ -61,3 +64,35 @@ def state_from_params(params: Any, *, tx: optax.GradientTransformation) -> Train
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
   return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a run's arrays live, derived from the model's logical axes and the inputs' spec."""
+  mesh: jax.sharding.Mesh
+  state: Any  # the TrainState's shardings
+  abstract_state: Any  # its shapes with those shardings: the orbax restore target
+  batch: dict[str, jax.sharding.NamedSharding]  # one per array of the inputs' element spec
+
+
+def make_layout(model: DiT, tx: Any, element_spec: dict[str, jax.ShapeDtypeStruct],
+                mesh: jax.sharding.Mesh, rules: tuple) -> Layout:
+  """The shardings of the state (from the parameters' logical axes) and of a batch (the inputs'
+  `element_spec`: its arrays' leading axis is `batch`, whatever their rank)."""
+  boxed = jax.eval_shape(functools.partial(init_state_boxed, model=model, tx=tx),
+                         jax.random.key(0))
+  state_shardings = shd.tree_shardings(boxed, mesh, rules)
+  # The same abstract tree, with shardings, is the orbax restore target.
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+      state_shardings)
+  batch = {name: shd.batch_sharding(mesh, rules, len(spec.shape))
+           for name, spec in element_spec.items()}
+  return Layout(mesh, state_shardings, abstract_state, batch)
+
+
+def init_sharded(model: DiT, tx: optax.GradientTransformation, layout: Layout,
+                 rng: jax.Array) -> TrainState:
+  """A fresh state, each array created directly in its shards (never whole on one device)."""
+  init = functools.partial(init_state, model=model, tx=tx)
+  return jax.jit(init, out_shardings=layout.state)(rng)
