@@ -3,8 +3,6 @@
 Multi-host: start the same command on every host; with several processes JAX's distributed
 runtime is initialized from the environment (TPU pods, SLURM, or the flags below).
 """
-import logging
-import os
 import sys
 
 from absl import flags
@@ -15,9 +13,8 @@ from dit_jax import cli, logs
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+cli.define_distributed_flags()
+flags.adopt_module_key_flags(cli)  # so that --help lists them
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,17 +24,7 @@ def main(argv):
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif os.environ.get("DIT_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()  # TPU pods / SLURM: everything from the environment.
-  try:  # TensorFlow (tfds, TensorBoard) must never take accelerator memory.
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
-  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  cli.start_distributed(tensorflow=True)
 
   from dit_jax.train.loop import train_and_evaluate
   with cli.user_errors(FloatingPointError):  # a diverged run: one line naming the step

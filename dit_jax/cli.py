@@ -125,6 +125,38 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
   run(app.run, main, flags_parser=parse_absl_flags)
 
 
+def define_distributed_flags() -> None:
+  """The flags of a multi-process run that the environment does not describe."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+def start_distributed(tensorflow: bool = True) -> None:
+  """Starts this process: JAX's distributed runtime from `define_distributed_flags`' flags, or
+  from the environment with DIT_DISTRIBUTED=auto (TPU pods, SLURM); hides the accelerators from
+  TensorFlow (tfds, TensorBoard), which must never take their memory, when `tensorflow` may be
+  imported; logs the process and its devices. Call after absl parsed the flags (XLA_FLAGS)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FLAGS
+  if flag_values.coordinator_address:
+    jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
+                               flag_values.process_id)
+  elif os.environ.get("DIT_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  if tensorflow:
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+      pass
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+
+
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   """Parses absl flags after checking the config files and overrides they name."""
   from absl import flags  # pylint: disable=g-import-not-at-top

@@ -9,8 +9,6 @@ may be gs:// URLs (each chunk is written locally, then uploaded whole). Interrup
 the same command again: finished chunks are skipped. Multi-host: run it on every host (with
 the distributed flags, or DIT_DISTRIBUTED=auto). The library is `dit_jax.latents.extraction`.
 """
-import logging
-import os
 import sys
 
 from absl import flags
@@ -27,9 +25,8 @@ flags.DEFINE_integer("batch_size", 64, "Images per encoder call on each host (ea
 flags.DEFINE_integer("chunk_size", 1024, "Examples per output file (the unit of resumption); "
                      "rounded up to a multiple of --batch_size.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored dtype of the moments.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+cli.define_distributed_flags()
+flags.adopt_module_key_flags(cli)  # so that --help lists them
 flags.mark_flags_as_required(["config", "vae", "out"])
 
 
@@ -43,18 +40,8 @@ def main(argv):
   from dit_jax.latents.extraction import check_not_complete, extract_from_config
   with cli.user_errors(FileExistsError):
     check_not_complete(FLAGS.out)  # a finished directory fails fast, before any setup.
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif os.environ.get("DIT_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
-  if FLAGS.config.data.name not in ("digits", "folder"):
-    try:  # tfds imports TensorFlow, which must never take accelerator memory.
-      import tensorflow as tf
-      tf.config.set_visible_devices([], "GPU")
-    except ImportError:
-      pass
-  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  # tfds imports TensorFlow, which must never take accelerator memory.
+  cli.start_distributed(tensorflow=FLAGS.config.data.name not in ("digits", "folder"))
   # Bad input (the data, the VAE, the batch size, a directory begun with other settings).
   with cli.user_errors(ValueError, OSError):
     result = extract_from_config(FLAGS.config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,
