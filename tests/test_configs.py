@@ -105,3 +105,13 @@ def test_an_old_workdir_whose_run_config_has_the_removed_keys_resumes():
   assert resume_check.check_resume(saved, 100, config, "old") == {}
   old_layout = {"model": model.arch_config(), "run": run}  # from before the `process` item
   assert checkpoints.process_of(old_layout) == process
+
+
+def test_an_unknown_sampler_is_refused_before_the_workdir_is_touched(tmp_path):
+  config = load("digits", "", "")
+  with config.unlocked():
+    config.sample.sampler = "ddimm"
+  with pytest.raises(ValueError, match=r"^config.sample.sampler: 'ddimm' is not a sampler; "
+                     "expected one of ddpm, ddim, dpm-solver\\+\\+"):
+    loop.setup(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from dit_jax import checkpoints as params_io
-from dit_jax import cli, fs
+from dit_jax import cli, fs, samplers
 from dit_jax.data import to_global
 from dit_jax.diffusion import Process, process_from_config
 from dit_jax.models import DiT, build_model, model_from_config
@@ -56,6 +56,7 @@ def setup(config: Any, workdir: str) -> Run:
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   process = process_from_config(config)
+  samplers.get(config.sample.sampler, "config.sample.sampler")  # grids sample with it
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules, mesh.axis_names)
   check_batch_size(config.batch_size, mesh, rules)
