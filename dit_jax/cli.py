@@ -125,6 +125,28 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
   run(app.run, main, flags_parser=parse_absl_flags)
 
 
+def parse_flags(define_flags: Callable[[Any], None], argv: Optional[Sequence[str]],
+                program: str) -> tuple[Any, list[str]]:
+  """A program's flags, parsed as `run_absl` parses them, for calling it from Python.
+
+  Args:
+    define_flags: defines the program's flags in the `absl.flags.FlagValues` it is given.
+    argv: the command line after the program's name (None: `sys.argv[1:]`).
+    program: the program's name, argv[0] of what is returned.
+  Returns:
+    (a new FlagValues holding only the program's flags, parsed; `[program, *positionals]`).
+  Raises:
+    UserError: a flag error (unknown, malformed, missing), as the command line reports it.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  define_flags(values)
+  try:
+    return values, values([program, *(sys.argv[1:] if argv is None else argv)])
+  except flags.Error as e:
+    raise UserError(str(e)) from e
+
+
 def define_distributed_flags() -> None:
   """The flags of a multi-process run that the environment does not describe."""
   from absl import flags  # pylint: disable=g-import-not-at-top

@@ -16,9 +16,10 @@ import contextlib
 import json
 import os
 import zipfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
 from dit_jax import cli, fs
 from dit_jax.eval.fid_metrics import inception_score, precision_recall
@@ -138,37 +139,52 @@ def evaluate_digits(samples: np.ndarray, labels: Optional[np.ndarray]) -> dict[s
           "frechet_distance": float(grade["frechet_distance"])}
 
 
-def main(argv: Any = None) -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined in `values` (the program's own, see `cli.parse_flags`)."""
+  flags.DEFINE_string("samples", None, "samples .npz (arr_0 uint8 NHWC)", flag_values=values)
+  flags.DEFINE_string("ref", None, "reference .npz, folder, tfds:NAME, digits", flag_values=values)
+  flags.DEFINE_string("inception", None, "pytorch-fid weights pt_inception-2015-12-05-*.pth",
+                      flag_values=values)
+  flags.DEFINE_string("out", None, "JSON file for the results (must not exist)",
+                      flag_values=values)
+  flags.DEFINE_integer("batch_size", BATCH, "Inception batch size", flag_values=values)
+  flags.mark_flags_as_required(["samples", "ref"], flag_values=values)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line from Python: `argv` (default: sys.argv[1:]), errors as one line."""
   cli.run(_main, argv)
 
 
-def _main(argv: Any) -> None:
-  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC)")
-  parser.add_argument("--ref", required=True, help="reference .npz, folder, tfds:NAME, digits")
-  parser.add_argument("--inception", help="pytorch-fid weights pt_inception-2015-12-05-*.pth")
-  parser.add_argument("--out", help="JSON file for the results (must not exist)")
-  parser.add_argument("--batch_size", type=int, default=BATCH, help="Inception batch size")
-  args = parser.parse_args(argv)
+def _main(argv: Optional[Sequence[str]]) -> None:
+  _evaluate(*cli.parse_flags(define_flags, argv, "dit_jax.evaluate"))
+
+
+def _evaluate(values: flags.FlagValues, argv: Sequence[str]) -> None:
+  from dit_jax import logs  # pylint: disable=import-outside-toplevel
+  logs.setup()  # first: the libraries' INFO lines stay out
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {list(argv[1:])}")
   with cli.user_errors(ValueError, OSError):
-    if args.out:
-      cli.check_new_output("--out", args.out)
-    samples, labels = load_samples(args.samples)
-    if args.ref == "digits":
+    if values.out:
+      cli.check_new_output("--out", values.out)
+    samples, labels = load_samples(values.samples)
+    if values.ref == "digits":
       results = evaluate_digits(samples, labels)
     else:
-      if not args.inception:
+      if not values.inception:
         raise ValueError("--inception: Inception metrics need the pytorch-fid weights file "
                          "(pt_inception-2015-12-05-6726825d.pth)")
-      results = evaluate_inception(samples, args.ref, args.inception, args.batch_size)
+      results = evaluate_inception(samples, values.ref, values.inception, values.batch_size)
   width = max(map(len, results))
   for name, value in results.items():
     print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else
           f"{name:<{width}}  {value}")
-  if args.out:
+  if values.out:
     with cli.user_errors(FileExistsError), cli.write_errors():  # a file that appeared meanwhile
-      fs.write_text(args.out, json.dumps(results, indent=2), overwrite=False)
+      fs.write_text(values.out, json.dumps(results, indent=2), overwrite=False)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run_absl(lambda argv: _evaluate(flags.FLAGS, argv))
