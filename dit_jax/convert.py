@@ -13,9 +13,10 @@ Every path (--torch, --out, --from-checkpoint, --torch-out) may be a gs:// URL.
 """
 import io
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
 from dit_jax import cli, fs, param_tree
 from dit_jax.models import (DiT, abstract_params, create_model, stack_block_params,
@@ -184,59 +185,80 @@ def save_torch_checkpoint(params: dict[str, Any], model: DiT, path: str) -> None
   fs.write_bytes(path, buffer.getbuffer(), overwrite=False)
 
 
-def main(argv: Any = None) -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined in `values` (the program's own, see `cli.parse_flags`).
+
+  Their names keep the dashes of the official scripts' flags (`--image-size`); read them as
+  `values["image-size"].value`.
+  """
+  flags.DEFINE_string("torch", None, "official .pt file to import", flag_values=values)
+  flags.DEFINE_string("model", None, "variant, e.g. DiT-XL/2", flag_values=values)
+  flags.DEFINE_integer("image-size", 256, "pixels (latent = size / 8)", flag_values=values)
+  flags.DEFINE_integer("num-classes", 1000, "classes of the class embedding", flag_values=values)
+  flags.DEFINE_integer("in-channels", 4, "input channels (4: VAE latents)", flag_values=values)
+  flags.DEFINE_bool("no-learn-sigma", False, "the model predicts the noise only (no variance)",
+                    flag_values=values)
+  for field in ("depth", "hidden-size", "num-heads"):
+    flags.DEFINE_integer(field, None, f"override the variant's {field} (custom-size models)",
+                         flag_values=values)
+  flags.DEFINE_bool("use-model-weights", False,
+                    "train.py checkpoints: take 'model' instead of 'ema'", flag_values=values)
+  flags.DEFINE_string("out", None, "orbax checkpoint directory to create (must not exist)",
+                      flag_values=values)
+  flags.DEFINE_string("from-checkpoint", None, "orbax checkpoint directory to export",
+                      flag_values=values)
+  flags.DEFINE_string("torch-out", None, "state_dict .pt to write (must not exist)",
+                      flag_values=values)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line from Python: `argv` (default: sys.argv[1:]), errors as one line."""
   cli.run(_main, argv)
 
 
-def _main(argv: Any) -> None:
-  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--torch", help="official .pt file to import")
-  parser.add_argument("--model", help="variant, e.g. DiT-XL/2")
-  parser.add_argument("--image-size", type=int, default=256, help="pixels (latent = size / 8)")
-  parser.add_argument("--num-classes", type=int, default=1000)
-  parser.add_argument("--in-channels", type=int, default=4)
-  parser.add_argument("--no-learn-sigma", action="store_true")
-  for field in ("depth", "hidden-size", "num-heads"):
-    parser.add_argument(f"--{field}", type=int, help=f"override the variant's {field} "
-                        "(custom-size models)")
-  parser.add_argument("--use-model-weights", action="store_true",
-                      help="train.py checkpoints: take 'model' instead of 'ema'")
-  parser.add_argument("--out", help="orbax checkpoint directory to create (must not exist)")
-  parser.add_argument("--from-checkpoint", help="orbax checkpoint directory to export")
-  parser.add_argument("--torch-out", help="state_dict .pt to write (must not exist)")
-  args = parser.parse_args(argv)
+def _main(argv: Optional[Sequence[str]]) -> None:
+  _run(*cli.parse_flags(define_flags, argv, "dit_jax.convert"))
+
+
+def _run(values: flags.FlagValues, argv: Sequence[str]) -> None:
+  from dit_jax import logs  # pylint: disable=import-outside-toplevel
+  logs.setup()  # first: orbax's INFO lines stay out
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {list(argv[1:])}")
+  flag = {name: values[name].value for name in values}  # by the names typed ("torch-out")
   with cli.user_errors(ValueError, OSError):  # a wrong file, model or path
-    _convert(parser, args)
+    _convert(flag)
 
 
-def _convert(parser: cli.ArgumentParser, args: Any) -> None:
+def _convert(flag: dict[str, Any]) -> None:
   from dit_jax import checkpoints  # orbax only when writing or reading checkpoints.
-  if args.from_checkpoint:
-    if not args.torch_out:
-      parser.error("--from-checkpoint needs --torch-out")
-    cli.check_new_output("--torch-out", args.torch_out)
-    model, params = checkpoints.load_params(args.from_checkpoint)
-    save_torch_checkpoint(params, model, args.torch_out)
-    print(f"wrote {args.torch_out}")
+  if flag["from-checkpoint"]:
+    if not flag["torch-out"]:
+      raise cli.UserError("--from-checkpoint needs --torch-out")
+    cli.check_new_output("--torch-out", flag["torch-out"])
+    model, params = checkpoints.load_params(flag["from-checkpoint"])
+    save_torch_checkpoint(params, model, flag["torch-out"])
+    print(f"wrote {flag['torch-out']}")
     return
-  if not (args.torch and args.model and args.out):
-    parser.error("import needs --torch, --model and --out")
-  if args.image_size % 8:
-    parser.error(f"--image-size: {args.image_size} is not a multiple of 8 (the VAE factor)")
-  out = fs.absolute(args.out)
+  if not (flag["torch"] and flag["model"] and flag["out"]):
+    raise cli.UserError("import needs --torch, --model and --out")
+  image_size = flag["image-size"]
+  if image_size % 8:
+    raise cli.UserError(f"--image-size: {image_size} is not a multiple of 8 (the VAE factor)")
+  out = fs.absolute(flag["out"])
   if fs.exists(out) and (not fs.is_dir(out) or fs.listdir(out)):
-    parser.error(f"--out: {out} already exists and is not empty; refusing to overwrite it")
-  model = create_model(args.model, input_size=args.image_size // 8,
-                       num_classes=args.num_classes, in_channels=args.in_channels,
-                       learn_sigma=not args.no_learn_sigma,
-                       **{k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
-                                            ("num_heads", args.num_heads)) if v is not None})
-  params = load_torch_checkpoint(args.torch, model, use_ema=not args.use_model_weights)
+    raise cli.UserError(f"--out: {out} already exists and is not empty; refusing to overwrite it")
+  sizes = {name.replace("-", "_"): flag[name] for name in ("depth", "hidden-size", "num-heads")
+           if flag[name] is not None}
+  model = create_model(flag["model"], input_size=image_size // 8,
+                       num_classes=flag["num-classes"], in_channels=flag["in-channels"],
+                       learn_sigma=not flag["no-learn-sigma"], **sizes)
+  params = load_torch_checkpoint(flag["torch"], model, use_ema=not flag["use-model-weights"])
   checkpoints.save_params(out, params, model, extra_config={
-      "source": fs.absolute(args.torch), "variant": args.model,
-      "image_size": args.image_size})
-  print(f"wrote {out} ({args.model}, {args.image_size} px)")
+      "source": fs.absolute(flag["torch"]), "variant": flag["model"], "image_size": image_size})
+  print(f"wrote {out} ({flag['model']}, {image_size} px)")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run_absl(lambda argv: _run(flags.FLAGS, argv))
