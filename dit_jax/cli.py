@@ -5,14 +5,15 @@ A `UserError` is a mistake in what the user asked for (a flag, a config key, a p
 traceback; any other exception is a bug and keeps its traceback. With `DIT_VERBOSE=1` in the
 environment, user errors show their traceback too (and the exception they came from).
 
-The programs raise user errors before any expensive work and before writing anything:
-  - absl programs (`train.py`, `sample.py`, `latents.extract`): `run_absl(main)` also turns
-    flag errors into one line, and checks `--config.KEY=...` overrides against the config file,
-    naming the closest existing key (`config: no key 'sample.cfg'; did you mean
-    'sample.cfg_scale'?`);
-  - argparse programs (`evaluate`, `convert`): `ArgumentParser`, whose errors are user errors.
+The programs raise user errors before any expensive work and before writing anything. All six
+take absl flags: `run_absl(main)` (`train.py`, `sample.py`, `python -m dit_jax.{evaluate,
+convert,data.prepare,latents.extract}`) also turns flag errors into one line, and checks
+`--config.KEY=...` overrides against the config file, naming the closest existing key
+(`config: no key 'sample.cfg'; did you mean 'sample.cfg_scale'?`). `evaluate`, `convert` and
+`data.prepare` can also be called from Python (`main(argv)`, as tests do, any number of times in
+one process): `parse_flags` parses their flags, defined by their `define_flags(values)`, into a
+FlagValues of their own, so they never clash with another program's flags.
 """
-import argparse
 import contextlib
 import difflib
 import errno
@@ -110,13 +111,6 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     message = " ".join(str(e).split())  # one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose errors (missing or malformed arguments) are user errors: one line."""
-
-  def error(self, message: str):  # type: ignore[override]
-    raise UserError(message)
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:

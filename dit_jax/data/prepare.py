@@ -30,6 +30,8 @@ import tarfile
 import time
 from typing import Any, Iterator, Optional, Sequence
 
+from absl import flags
+
 from dit_jax import cli, fs
 from dit_jax.data.tfds_source import default_data_dir
 
@@ -227,36 +229,49 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
   return builder
 
 
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined in `values` (the program's own, see `cli.parse_flags`);
+  the dataset name is its one positional argument."""
+  flags.DEFINE_string("data_dir", None, "tfds data_dir (default: $TFDS_DATA_DIR or "
+                      "~/tensorflow_datasets); train with --config.data.data_dir=DATA_DIR",
+                      flag_values=values)
+  flags.DEFINE_string("manual_dir", None, "where the manual download is (default: "
+                      "DATA_DIR/downloads/manual)", flag_values=values)
+  flags.DEFINE_bool("verbose", False, "keep the libraries' INFO logs", flag_values=values)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line from Python: `argv` (default: sys.argv[1:]), errors as one line."""
   cli.run(_main, argv)
 
 
 def _main(argv: Optional[Sequence[str]]) -> None:
-  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("name", help="tfds dataset name, e.g. imagenet2012")
-  parser.add_argument("--data_dir", default=None,
-                      help="tfds data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); "
-                           "train with --config.data.data_dir=DATA_DIR")
-  parser.add_argument("--manual_dir", default=None,
-                      help="where the manual download is (default: DATA_DIR/downloads/manual)")
-  parser.add_argument("--verbose", action="store_true", help="keep the libraries' INFO logs")
-  args = parser.parse_args(argv)
+  _run(*cli.parse_flags(define_flags, argv, "dit_jax.data.prepare"))
+
+
+def _run(values: flags.FlagValues, argv: Sequence[str]) -> None:
   from dit_jax import logs  # pylint: disable=g-import-not-at-top
-  logs.setup(verbose=args.verbose)
-  data_dir = fs.absolute(os.path.expanduser(args.data_dir or default_data_dir()))
-  manual_dir = fs.absolute(os.path.expanduser(args.manual_dir)) if args.manual_dir else None
+  logs.setup(verbose=values.verbose)
+  if len(argv) != 2:
+    what = "unexpected arguments: " + " ".join(argv[2:]) if argv[2:] else "no dataset name"
+    raise cli.UserError(f"{what}: give one tfds dataset name, e.g. python -m "
+                        "dit_jax.data.prepare imagenet2012 --data_dir DATA_DIR")
+  name = argv[1]
+  data_dir = fs.absolute(os.path.expanduser(values.data_dir or default_data_dir()))
+  manual_dir = fs.absolute(os.path.expanduser(values.manual_dir)) if values.manual_dir else None
   if manual_dir and not fs.is_dir(manual_dir):
     raise cli.UserError(f"--manual_dir: no directory {manual_dir}")
-  check_name(args.name)  # these two are fast: before TensorFlow loads
-  if is_imagenet(args.name):
+  check_name(name)  # these two are fast: before TensorFlow loads
+  if is_imagenet(name):
     check_imagenet_tars(manual_dir or manual_dir_of(data_dir))
-  logs.setup(verbose=args.verbose, tensorflow=True)  # tfds needs it: load it without INFO lines
+  logs.setup(verbose=values.verbose, tensorflow=True)  # tfds needs it: load it without INFO lines
   try:
-    prepare(args.name, data_dir, manual_dir)
+    prepare(name, data_dir, manual_dir)
   except KeyboardInterrupt:
     raise cli.UserError("interrupted: the partial build was removed; rerun the same command "
                         "to start it again") from None
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run_absl(lambda argv: _run(flags.FLAGS, argv))
