@@ -8,9 +8,7 @@ disk, ENOSPC, after some checkpoints fit; needs `unshare -Urm`, else skipped).
 import json
 import os
 import pathlib
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -21,16 +19,18 @@ from dit_jax.train.metrics_log import MetricsLog
 from train_utils import (ROOT, checkpoint_steps, env_with_devices, read_metrics, restore_state,
                          train_command)
 
-FILE_SIZE_LIMIT = 20_000  # bytes: metrics.jsonl and the config fit, a checkpoint does not
+FILE_SIZE_BLOCKS = 20  # bash's `ulimit -f` unit, 1024 bytes: metrics.jsonl and the config fit,
+# a checkpoint does not
 
 
 def run_with_file_size_limit(workdir: pathlib.Path, **overrides) -> subprocess.CompletedProcess:
-  def limit() -> None:  # in the child: EFBIG instead of the SIGXFSZ that would kill it
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
-
-  return subprocess.run(train_command(workdir, **overrides), cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, env=env_with_devices(1), preexec_fn=limit)
+  # The limit is set by a shell that then execs train.py (no preexec_fn: forking this
+  # multithreaded JAX process to run Python in the child can deadlock). SIGXFSZ ignored: the
+  # write fails with EFBIG instead of killing the process.
+  limited = ["bash", "-c", f"ulimit -f {FILE_SIZE_BLOCKS} && trap '' XFSZ && exec \"$@\"", "_",
+             *train_command(workdir, **overrides)]
+  return subprocess.run(limited, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=env_with_devices(1))
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
