@@ -1,4 +1,4 @@
-"""Import and export of official PyTorch DiT weights (facebookresearch/DiT).
+r"""Import and export of official PyTorch DiT weights (facebookresearch/DiT).
 
 Accepted inputs: a released plain `state_dict` (e.g. `DiT-XL-2-256x256.pt`) and checkpoints of
 the official `train.py` (`{"model", "ema", "opt", "args"}`). torch is needed only here (and

@@ -1,4 +1,4 @@
-"""Scores a samples `.npz` (ADM evaluator layout) against a reference, all in JAX.
+r"""Scores a samples `.npz` (ADM evaluator layout) against a reference, all in JAX.
 
   python -m dit_jax.evaluate --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
       --inception pt_inception-2015-12-05-6726825d.pth --out results.json

@@ -1,4 +1,4 @@
-"""Pre-extracts VAE latents of a dataset (resumable; every device, every host).
+r"""Pre-extracts VAE latents of a dataset (resumable; every device, every host).
 
   python -m dit_jax.latents.extract --config configs/imagenet.py:XL/2 \
       --vae checkpoints/sd-vae-ft-ema --out latents/imagenet256 [--batch_size 64] \
