@@ -104,7 +104,7 @@ def _copy_tree(source: str, target: str) -> None:
     if child.is_dir():
       _copy_tree(str(child), f"{target}/{child.name}")
     else:
-      fs.write_bytes(f"{target}/{child.name}", child.read_bytes())
+      fs.copy_file(str(child), f"{target}/{child.name}")
 
 
 def test_a_workdir_in_a_missing_bucket_is_one_line(gcs_bucket):
