@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   # TensorBoard event files in the workdir. TensorFlow writes them, on gs:// through its own
   # GCS client (which no emulator can stand in for: the gs:// tests turn this off).
   config.tensorboard = True
+  # (first step, number of steps) to trace with jax.profiler into WORKDIR/profile (TensorBoard's
+  # profile plugin; perfetto_trace.json.gz), steps numbered as in metrics.jsonl, e.g.
+  # --config.profile_steps=10,3; () is off. dit_jax/train/profiling.py says what it holds.
+  config.profile_steps = ()
   config.sample = ml_collections.ConfigDict()
   config.sample.every_steps = 10_000  # EMA sample grid to TensorBoard and samples/*.png.
   config.sample.classes = (88, 207, 279, 360, 387, 388, 417, 974)  # one grid row per class.

@@ -14,6 +14,7 @@ from dit_jax import cli, fs, samplers
 from dit_jax.data import to_global
 from dit_jax.diffusion import Process, process_from_config
 from dit_jax.models import DiT, build_model, model_from_config
+from dit_jax.train import profiling
 from dit_jax.train import sharding as shd
 from dit_jax.train import resume_check
 from dit_jax.train import state as state_lib
@@ -39,6 +40,7 @@ class Run:
   init_rng: jax.Array
   lock: Optional[WorkdirLock | LeaseLock]  # the workdir's, held by process 0 for the whole run
   resumed_config: Optional[dict[str, Any]]  # the config item of the checkpoint resumed from
+  profile: Optional[profiling.Window]  # the steps to trace (config.profile_steps)
 
 
 def setup(config: Any, workdir: str) -> Run:
@@ -53,6 +55,7 @@ def setup(config: Any, workdir: str) -> Run:
                      ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
     if value <= 0:
       raise ValueError(f"config.{key}: must be positive, got {value}")
+  profile = profiling.window_from_config(config.profile_steps, config.num_steps)
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   process = process_from_config(config)
@@ -85,7 +88,7 @@ def setup(config: Any, workdir: str) -> Run:
     raise
   rng, init_rng = jax.random.split(jax.random.key(config.seed))
   return Run(model, process, inputs, tx, lr_schedule, layout, checkpointer, rng, init_rng, lock,
-             found[1] if found else None)
+             found[1] if found else None, profile)
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: tuple) -> None:
@@ -206,6 +209,7 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
                                         run=json.loads(config.to_json_best_effort()))
   flops = train_flops_per_image(run.model) if peak_flops() else None
   check = functools.partial(_check_finite, checkpointer=run.checkpointer)
+  tracer = profiling.StepTracer(run.profile, workdir, first_step=start_step + 1)
 
   def report(step_metrics: tuple[int, Any]) -> dict[str, float]:
     """Stops on a non-finite step, else logs its metrics (a metrics.jsonl row); returns them."""
@@ -217,13 +221,15 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
   pending: Optional[tuple[int, Any]] = None  # (step, its metrics), read one step late
   saved = start_step
   try:
-    with run.inputs:
+    with run.inputs, tracer:  # the tracer stops a trace still running when the loop ends
       for step, local_batch in run.inputs.iterate(start_step, config.num_steps - start_step):
+        done = step + 1  # the step taken now, numbered as metrics.jsonl and checkpoints are
+        tracer.before_step(done, state)
         state, metrics = p_step(state, to_global(local_batch, run.layout.batch), run.rng,
                                 run.inputs.frozen)
+        tracer.after_step(done, metrics)
         if pending is not None:  # reading the previous step's loss overlaps with this step
           last = report(pending)
-        done = step + 1  # the step just taken, numbered as metrics.jsonl and checkpoints are
         pending = (done, metrics)
         if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
           # Never checkpoint a non-finite state; the step's row is written before its

@@ -25,7 +25,7 @@ from dit_jax.diffusion import process_from_config
 FREE = ("num_steps", "log_every_steps", "tensorboard", "checkpoint", "sample", "eval",
         "data.num_threads", "data.prefetch", "mesh", "axis_rules", "model.scan_blocks",
         "model.remat_policy", "model.attention_impl", "init_from", "resume_changes",
-        "latents_cache_dir")
+        "latents_cache_dir", "profile_steps")
 HISTORY = "config_history.jsonl"
 
 
