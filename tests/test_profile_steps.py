@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from dit_jax import fs
 from dit_jax.train import profiling
 from test_cli_errors import error_line, run
 from train_utils import ROOT, checkpoint_steps, env_with_devices, read_metrics, run_train, \
@@ -137,16 +138,18 @@ def trace_steps(tracer: profiling.StepTracer, steps: range) -> jax.Array:
   return x
 
 
-def test_traces_of_the_same_second_never_replace_each_other(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_traces_of_the_same_second_never_replace_each_other(tmp_path, request, where):
+  root = str(tmp_path) if where == "local" else request.getfixturevalue("gcs_bucket")
   saved = []
   for content in (b"first", b"second"):  # two traces that the profiler named alike
     session = tmp_path / content.decode() / "plugins" / "profile" / "2026_11_27_08_31_29"
     session.mkdir(parents=True)
     (session / "host.xplane.pb").write_bytes(content)
-    saved.append(profiling.move_trace(str(tmp_path / content.decode()), str(tmp_path / "run")))
-  assert [pathlib.Path(s).name for s in saved] == ["2026_11_27_08_31_29", "2026_11_27_08_31_29_2"]
-  assert [(pathlib.Path(s) / "host.xplane.pb").read_bytes() for s in saved] == [b"first",
-                                                                                 b"second"]
+    saved.append(profiling.move_trace(str(tmp_path / content.decode()), f"{root}/run"))
+  assert saved == [f"{root}/run/profile/plugins/profile/2026_11_27_08_31_29",
+                   f"{root}/run/profile/plugins/profile/2026_11_27_08_31_29_2"]
+  assert [fs.read_bytes(fs.join(s, "host.xplane.pb")) for s in saved] == [b"first", b"second"]
 
 
 def test_a_trace_of_the_stand_in_step_holds_its_ops_and_marks(tmp_path):
