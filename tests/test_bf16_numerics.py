@@ -6,10 +6,10 @@ The tolerance: bfloat16 keeps 8 significant bits (7 stored + the implicit one), 
 has a relative error up to u = 2**-8 ~ 0.0039. A one-block DiT rounds an activation about 15
 times on the way from input to output (embeddings, LayerNorm outputs, modulation, qkv,
 attention, projections, MLP, gates, the residual stream), errors of random sign that add up to
-about sqrt(15) u ~ 4u in relative RMS. The test allows 8u (0.031) of the float32 output's RMS,
-and requires more than u / 8: a model that silently computed in float32 (errors ~1e-7) fails,
-and so would one that lost bits in a precision-critical spot (timestep features computed in
-bf16 are off by whole radians at t ~ 1000; the float32 training parity tests cover the rest).
+about sqrt(15) u ~ 4u in relative RMS (measured: 1.1u). The test allows 8u (0.031) of the
+float32 output's RMS, and requires more than u / 8, so that a model that silently computed in
+float32 (errors ~1e-7) fails. A tiny model trained 12 steps barely uses the timestep, so this
+does not check the timestep features' precision (they are computed in float32 by design).
 The full-run check is in README ("Training": bf16 on the digits default).
 """
 import functools
