@@ -18,9 +18,10 @@ for _size, (_depth, _hidden, _heads) in {
     VARIANTS[f"DiT-{_size}/{_patch}"] = dict(
         depth=_depth, hidden_size=_hidden, patch_size=_patch, num_heads=_heads)
 
-# Logical axis names used by the kernels; a config maps each to a mesh axis (or None).
+# Logical axis names used by the kernels and (with "batch", and "tokens" for the sequence) by
+# the activations' sharding constraints; a config maps each to a mesh axis (or None).
 LOGICAL_AXES = ("layers", "embed", "mlp", "qkv", "heads", "adaln", "patch", "out_patch",
-                "time_freq", "time_embed", "classes")
+                "time_freq", "time_embed", "classes", "bias", "tokens")
 
 # The fields that define a model's parameters and outputs (saved with checkpoints). The
 # remaining fields (dtype, scan_blocks, remat_policy, attention_impl) only change how it runs.
@@ -113,17 +114,20 @@ class DiT(nn.Module):
     x = layers.dense(hidden, ("patch", "embed"), "x_embedder", self.dtype, self.param_dtype)(x)
     pos = layers.pos_embed_2d(hidden, self.input_size // p)
     x = x + jnp.asarray(pos, jnp.float32).astype(self.dtype)[None]
+    # No-ops outside the train step; there, activations stay sharded over the batch.
+    x = nn.with_logical_constraint(x, layers.TOKENS)
 
     t_emb = layers.TimestepEmbedder(hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="t_embedder")(t)
     y_emb = layers.LabelEmbedder(self.num_classes, hidden, self.class_dropout_prob,
                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="y_embedder")(y, train, force_drop_ids)
-    c = t_emb + y_emb
+    c = nn.with_logical_constraint(t_emb + y_emb, ("batch", "embed"))
 
     x = self._blocks(x, c)
     x = layers.FinalLayer(hidden, p, self.out_channels, self.dtype, self.param_dtype,
                           name="final_layer")(x, c)
+    x = nn.with_logical_constraint(x, ("batch", "tokens", "out_patch"))
     return unpatchify(x.astype(jnp.float32), p, self.out_channels)
 
   def _blocks(self, x: jax.Array, c: jax.Array) -> jax.Array:

@@ -23,6 +23,11 @@ normal_002 = nn.initializers.normal(stddev=0.02)
 # Rng stream used by classifier-free-guidance label dropout during training.
 LABEL_DROPOUT_RNG = "label_dropout"
 
+# Logical axes of the residual stream [batch, tokens, hidden]: `nn.with_logical_constraint`
+# keeps it sharded by the config's rules inside the train step (dit_jax/train/sharding.py);
+# anywhere else (no rules in context) the constraints do nothing.
+TOKENS = ("batch", "tokens", "embed")
+
 
 class Dense(nn.Dense):
   """`nn.Dense` that multiplies a 2-D `[rows, in]` matrix, whatever the input's rank.
@@ -38,13 +43,21 @@ class Dense(nn.Dense):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+# Output axes that the `tensor` mesh axis splits. Their layers' biases are named "bias" instead:
+# too small to gain from being split like the output, they are sharded over `fsdp` (a multiple
+# of the hidden size divides wherever `embed` does), so no parameter is whole on every device.
+TENSOR_SPLIT = ("mlp", "qkv", "adaln")
+
+
 def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
           kernel_init=xavier_uniform) -> nn.Dense:
-  """A Dense whose kernel `[in, out]` and bias `[out]` carry logical axis names `axes`."""
+  """A Dense whose kernel `[in, out]` carries logical axis names `axes`, its bias `[out]` the
+  output's name (or "bias", see TENSOR_SPLIT)."""
+  bias_axes = ("bias",) if axes[1] in TENSOR_SPLIT else axes[1:]
   return Dense(
       features, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(zeros, axes[1:]))
+      bias_init=nn.with_logical_partitioning(zeros, bias_axes))
 
 
 def layer_norm(dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
@@ -170,7 +183,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = dense(self.mlp_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
-    x = nn.gelu(x, approximate=True)
+    x = nn.gelu(nn.with_logical_constraint(x, ("batch", "tokens", "mlp")), approximate=True)
     return dense(self.hidden_size, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
@@ -191,6 +204,7 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, None]:
     """x: [batch, tokens, hidden]; c: [batch, hidden] conditioning."""
+    x = nn.with_logical_constraint(x, TOKENS)
     mod = dense(6 * self.hidden_size, ("embed", "adaln"), "adaLN_modulation", self.dtype,
                 self.param_dtype, kernel_init=zeros)(nn.silu(c))
     # Upstream chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
@@ -198,12 +212,12 @@ class DiTBlock(nn.Module):
     attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype,
                      self.attention_impl, name="attn")
     h = modulate(layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
-    x = x + gate_msa[:, None, :] * attn(h)
+    x = x + gate_msa[:, None, :] * nn.with_logical_constraint(attn(h), TOKENS)
     mlp = Mlp(self.hidden_size, int(self.hidden_size * self.mlp_ratio), self.dtype,
               self.param_dtype, name="mlp")
     h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
     x = x + gate_mlp[:, None, :] * mlp(h)
-    return x, None
+    return nn.with_logical_constraint(x, TOKENS), None
 
 
 class FinalLayer(nn.Module):

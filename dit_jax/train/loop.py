@@ -163,7 +163,8 @@ def compile_step(run: Run, config: Any):
   """The jitted `(state, global batch, rng, frozen) -> (state, metrics)`; the state donated."""
   step_fn = functools.partial(
       train_step, model=run.model, process=run.process, x0=run.inputs.x0, tx=run.tx,
-      lr_schedule=run.lr_schedule, ema_decay=config.ema_decay)
+      lr_schedule=run.lr_schedule, ema_decay=config.ema_decay,
+      mesh=run.layout.mesh, axis_rules=run.layout.rules)  # the activations' shardings
   replicated = shd.replicated(run.layout.mesh)
   return jax.jit(step_fn, in_shardings=(run.layout.state, run.layout.batch, replicated,
                                         replicated),

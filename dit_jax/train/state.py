@@ -73,14 +73,20 @@ class Layout:
   state: Any  # the TrainState's shardings
   abstract_state: Any  # its shapes with those shardings: the orbax restore target
   batch: dict[str, jax.sharding.NamedSharding]  # one per array of the inputs' element spec
+  rules: tuple  # the checked axis rules, which also shard the activations in the train step
 
 
 def make_layout(model: DiT, tx: Any, element_spec: dict[str, jax.ShapeDtypeStruct],
                 mesh: jax.sharding.Mesh, rules: tuple) -> Layout:
   """The shardings of the state (from the parameters' logical axes) and of a batch (the inputs'
-  `element_spec`: its arrays' leading axis is `batch`, whatever their rank)."""
+  `element_spec`: its arrays' leading axis is `batch`, whatever their rank).
+
+  Raises a one-line ValueError, naming the parameter and suggesting a mesh that fits, if the
+  mesh does not divide a dimension it shards (`sharding.check_divisible`).
+  """
   boxed = jax.eval_shape(functools.partial(init_state_boxed, model=model, tx=tx),
                          jax.random.key(0))
+  shd.check_divisible(boxed.params, mesh, rules)  # one line naming the parameter, not jit's
   state_shardings = shd.tree_shardings(boxed, mesh, rules)
   # The same abstract tree, with shardings, is the orbax restore target.
   abstract_state = jax.tree.map(
@@ -88,7 +94,7 @@ def make_layout(model: DiT, tx: Any, element_spec: dict[str, jax.ShapeDtypeStruc
       state_shardings)
   batch = {name: shd.batch_sharding(mesh, rules, len(spec.shape))
            for name, spec in element_spec.items()}
-  return Layout(mesh, state_shardings, abstract_state, batch)
+  return Layout(mesh, state_shardings, abstract_state, batch, tuple(rules))
 
 
 def init_sharded(model: DiT, tx: optax.GradientTransformation, layout: Layout,

@@ -1,5 +1,5 @@
 """The pure train step: the process's loss, AdamW update, EMA."""
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import optax
 
 from dit_jax.diffusion import Process
 from dit_jax.models import LABEL_DROPOUT_RNG, DiT
+from dit_jax.train import sharding as shd
 from dit_jax.train.state import TrainState, ema_update
 
 X0_RNG_TAG = 3  # fold_in tag of the x0 key (posterior sampling); the others are a split
@@ -29,7 +30,8 @@ def step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, ja
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: Any = None, *, model: DiT, process: Process, x0: X0Fn,
                tx: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
-               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float, mesh: Optional[jax.sharding.Mesh] = None,
+               axis_rules: tuple = ()) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on a global batch.
 
   Args:
@@ -40,6 +42,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
     model, process: the DiT and the process whose loss it is trained on.
     x0: the pipeline's `x0(batch, rng, frozen)`: pixels, latents sampled from stored moments,
       or images encoded by the VAE.
+    mesh, axis_rules: the layout's mesh and rules (`Layout.mesh`, `Layout.rules`): the model's
+      activations are constrained by them (`sharding.activation_sharding`); None: unconstrained.
   Returns:
     (new state, scalar metrics: the means of the process's loss terms ("loss" among them), and
     grad_norm, param_norm, learning_rate).
@@ -50,8 +54,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
 
   def loss_fn(params):
     def model_fn(x, t, y):
-      return model.apply({"params": params}, x, t, y, train=True,
-                         rngs={LABEL_DROPOUT_RNG: dropout_rng})
+      with shd.activation_sharding(mesh, axis_rules):  # read while the step is traced
+        return model.apply({"params": params}, x, t, y, train=True,
+                           rngs={LABEL_DROPOUT_RNG: dropout_rng})
     terms = process.loss_terms(model_fn, x_start, loss_rng, model_kwargs)
     return terms["loss"].mean(), terms
 
