@@ -1,9 +1,11 @@
 """Training throughput of DiT variants: img/s, MFU, peak memory, compile time.
 
   python -m benchmarks.train_throughput --variants S/2 XL/2 --batch 256 32 --dtype bfloat16
+  python -m benchmarks.train_throughput --variants S/2 --batch 8 --dtype float32 \
+      --blocks scanned unrolled --steps 10          # the CPU target of README
 
 Runs the real jitted, state-donating `train_step` on random 32x32x4 latents (256 px) over all
-local devices (data parallel), with scanned blocks. Needs only jax/flax/optax/numpy, so it runs
+local devices (data parallel), with scanned and/or unrolled blocks. Needs only jax/flax/optax/numpy, so it runs
 on accelerator images without TensorFlow or ml_collections. Prints a Markdown table.
 """
 import argparse
@@ -28,29 +30,41 @@ def latents(batch, rng, frozen):
   return batch["images"]
 
 
-def measure(variant: str, batch: int, dtype: str, steps: int, remat: str | None,
-            attention: str | None) -> dict[str, float]:
-  model = create_model(variant, input_size=32, num_classes=1000, dtype=jnp.dtype(dtype),
-                       scan_blocks=True, remat_policy=remat, attention_impl=attention)
+def build_step(variant: str, batch: int, dtype: str, remat: str | None,
+               attention: str | None, scan_blocks: bool = True, input_size: int = 32):
+  """The trainer's jitted, state-donating step for a variant, with a state and a random batch.
+
+  Returns (model, jitted step, state, batch arrays): the trainer's layout with its default mesh
+  and axis rules (data parallel over all devices), hybrid loss, AdamW, EMA.
+  """
+  model = create_model(variant, input_size=input_size, num_classes=1000,
+                       dtype=jnp.dtype(dtype), scan_blocks=scan_blocks, remat_policy=remat,
+                       attention_impl=attention)
   optimizer = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999,
                                     eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
   tx, schedule = state_lib.make_optimizer(optimizer)
-  # The trainer's layout with its default mesh and axis rules: data parallel over all devices.
   mesh = shd.make_mesh(shd.MESH_AXES, (-1, 1, 1))
-  spec = {"images": jax.ShapeDtypeStruct((batch, 32, 32, 4), np.float32),
+  shape = (batch, input_size, input_size, 4)
+  spec = {"images": jax.ShapeDtypeStruct(shape, np.float32),
           "labels": jax.ShapeDtypeStruct((batch,), np.int32)}
   layout = state_lib.make_layout(model, tx, spec, mesh, shd.AXIS_RULES)
   state = state_lib.init_sharded(model, tx, layout, jax.random.key(0))
-  state_shardings = layout.state
   batch_arrays = {
-      "images": jax.device_put(np.random.default_rng(0).standard_normal(
-          (batch, 32, 32, 4), np.float32), layout.batch["images"]),
+      "images": jax.device_put(np.random.default_rng(0).standard_normal(shape, np.float32),
+                               layout.batch["images"]),
       "labels": jax.device_put(np.arange(batch, dtype=np.int32) % 1000, layout.batch["labels"])}
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=schedule,
                                    ema_decay=0.9999, process=OFFICIAL_PROCESS, x0=latents),
-                 in_shardings=(state_shardings, layout.batch,
+                 in_shardings=(layout.state, layout.batch,
                                shd.replicated(mesh), shd.replicated(mesh)),
-                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(layout.state, shd.replicated(mesh)), donate_argnums=0)
+  return model, step, state, batch_arrays
+
+
+def measure(variant: str, batch: int, dtype: str, steps: int, remat: str | None,
+            attention: str | None, scan_blocks: bool = True) -> dict[str, float]:
+  model, step, state, batch_arrays = build_step(variant, batch, dtype, remat, attention,
+                                                scan_blocks)
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays, rng, None).compile()
@@ -81,16 +95,21 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--remat", default=None, help="jax.checkpoint_policies name")
   parser.add_argument("--attention", default=None, help="None | xla | cudnn")
+  parser.add_argument("--blocks", nargs="+", default=["scanned"], choices=["scanned", "unrolled"],
+                      help="run the blocks under nn.scan, unrolled, or both (one row each)")
   args = parser.parse_args()
   batches = args.batch * len(args.variants) if len(args.batch) == 1 else args.batch
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}, "
-        f"256 px (32x32x4 latents), scanned blocks, remat {args.remat}")
-  print("| model | batch | steps/s | img/s | MFU | peak GiB | compile s |")
-  print("|---|---|---|---|---|---|---|")
+        f"256 px (32x32x4 latents), remat {args.remat}")
+  print("| model | blocks | batch | steps/s | img/s | MFU | peak GiB | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
   for variant, batch in zip(args.variants, batches):
-    r = measure(variant, batch, args.dtype, args.steps, args.remat, args.attention)
-    print(f"| DiT-{variant} | {batch} | {r['steps_per_sec']:.2f} | {r['images_per_sec']:.1f} | "
-          f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['compile_s']:.1f} |", flush=True)
+    for blocks in args.blocks:
+      r = measure(variant, batch, args.dtype, args.steps, args.remat, args.attention,
+                  scan_blocks=blocks == "scanned")
+      print(f"| DiT-{variant} | {blocks} | {batch} | {r['steps_per_sec']:.2f} | "
+            f"{r['images_per_sec']:.2f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | "
+            f"{r['compile_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class DiT(nn.Module):
       (see `stack_block_params` / `unstack_block_params`).
     remat_policy: None (no rematerialization) or the name of a `jax.checkpoint_policies`
       entry (e.g. "nothing_saveable" for full remat, "dots_saveable").
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+    attention_impl: None or "xla" (XLA's fusions, `layers.heads_major_attention`) or "cudnn"
+      (`jax.nn.dot_product_attention`'s cuDNN kernel, GPUs only).
   """
   input_size: int = 32
   patch_size: int = 2
@@ -145,8 +146,13 @@ class DiT(nn.Module):
       # Explicit names keep parameter paths independent of the remat switch.
       x, _ = scanned(**kwargs, name="blocks")(x, c)
     else:
+      # XLA on CPU would recompute the backward's residual chain across blocks (see
+      # `layers.cotangent_fence`); accelerators' fusion heuristics do not, and a conditional
+      # on a GPU waits for its predicate on the host.
+      fence = jax.default_backend() == "cpu"
       for i in range(self.depth):
         x, _ = block_cls(**kwargs, name=f"blocks_{i}")(x, c)
+        x = layers.cotangent_fence(x) if fence else x
     return x
 
   def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale: float,
@@ -201,6 +207,9 @@ def _validate(model: DiT) -> None:
     raise ValueError(f"class_dropout_prob: must be in [0, 1), got {model.class_dropout_prob}")
   if model.mlp_ratio <= 0:
     raise ValueError(f"mlp_ratio: must be positive, got {model.mlp_ratio}")
+  if model.attention_impl not in (None, "xla", "cudnn"):
+    raise ValueError(f"attention_impl: expected None, 'xla' or 'cudnn', got "
+                     f"{model.attention_impl!r}")
   if model.remat_policy is not None and not hasattr(jax.checkpoint_policies,
                                                     model.remat_policy):
     raise ValueError(f"remat_policy: unknown jax.checkpoint_policies entry "

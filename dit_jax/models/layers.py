@@ -151,13 +151,62 @@ class LabelEmbedder(nn.Module):
     return table(labels)
 
 
+@jax.custom_vjp
+def cotangent_fence(x: jax.Array) -> jax.Array:
+  """The identity, whose backward hands the cotangent on as a buffer of its own.
+
+  Between unrolled blocks: the residual stream's cotangent is a chain of elementwise sums
+  across all the blocks, and XLA on CPU fused that chain into each consumer, recomputing it
+  from the last block every time (fusions of 100+ operands, work quadratic in depth). A
+  conditional's result is a buffer that no fusion crosses. Used on CPU only (see `DiT`).
+  """
+  return x
+
+
+def _fence_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return x, jnp.isfinite(x.reshape(-1)[0])  # a predicate XLA cannot fold away
+
+
+def _fence_bwd(predicate: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  return (jax.lax.cond(predicate, lambda g: g, lambda g: g * 1, g),)
+
+
+cotangent_fence.defvjp(_fence_fwd, _fence_bwd)
+
+
+def heads_major_attention(qkv: jax.Array, scale: float) -> jax.Array:
+  """softmax(q k^T * scale) v from qkv [batch, tokens, 3, heads, head_dim] -> [batch, tokens,
+  heads, head_dim].
+
+  The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits and softmax in float32,
+  probabilities cast back to the value dtype; same numbers), with q, k and v moved heads-major
+  first so that both products are plain batched matmuls over (batch, heads): its token-major
+  einsums made XLA on CPU run them 1.9x slower forward, 1.5x with the backward
+  (benchmarks/README.md).
+  """
+  q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each [batch, heads, tokens, head_dim]
+  # As jax: with bf16/f16 inputs the logits are accumulated in float32.
+  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(q.dtype)
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, precision=precision,
+                      preferred_element_type=logits_dtype)
+  logits = logits * jnp.array(scale, logits_dtype)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.moveaxis(jnp.einsum("bnqk,bnkh->bnqh", probs, v), 1, 2)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection split as (3, heads, head_dim)."""
+  """Multi-head self-attention with a fused qkv projection split as (3, heads, head_dim).
+
+  `implementation`: None or "xla" computes it with `heads_major_attention` (XLA's own fusions);
+  "cudnn" calls `jax.nn.dot_product_attention`'s cuDNN kernel (GPUs only).
+  """
   hidden_size: int
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None  # jax.nn.dot_product_attention: None, "xla", "cudnn".
+  implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -166,9 +215,11 @@ class Attention(nn.Module):
     head_dim = self.hidden_size // self.num_heads
     qkv = dense(3 * self.hidden_size, ("embed", "qkv"), "qkv", self.dtype, self.param_dtype)(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
-    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
-                                       implementation=self.implementation)
+    if self.implementation == "cudnn":
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
+      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5, implementation="cudnn")
+    else:
+      out = heads_major_attention(qkv, head_dim ** -0.5)
     out = out.reshape(batch, tokens, self.hidden_size)
     return dense(self.hidden_size, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(out)
 

@@ -1,0 +1,110 @@
+"""The model's speed-motivated formulations compute exactly what the plain ones do.
+
+Each replaces a form that XLA on CPU ran slowly (benchmarks/README.md): a 2-D Dense, attention
+with heads-major operands, and a fence on the residual cotangent between unrolled blocks.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_jax.models import DiT, init_params, stack_block_params
+from dit_jax.models import layers
+
+
+def test_dense_on_3d_input_equals_flax_dense():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  ours = layers.dense(6, ("embed", "mlp"), "fc", jnp.float32, jnp.float32)
+  params = nn.unbox(ours.init(jax.random.key(1), x))
+  plain = nn.Dense(6)
+  np.testing.assert_array_equal(ours.apply(params, x), plain.apply(params, x))
+  assert ours.apply(params, x).shape == (3, 5, 6)
+
+
+@pytest.mark.parametrize("head_dim", [8, 9])  # a power-of-two scale and one that is not
+def test_heads_major_attention_equals_jax_attention(head_dim):
+  batch, tokens, heads = 2, 7, 3
+  qkv = jax.random.normal(jax.random.key(head_dim), (batch, tokens, 3, heads, head_dim))
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  scale = head_dim ** -0.5
+  expected = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  got = layers.heads_major_attention(qkv, scale)
+  assert got.shape == (batch, tokens, heads, head_dim)
+  np.testing.assert_array_equal(jax.jit(layers.heads_major_attention, static_argnums=1)(
+      qkv, scale), jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, scale=scale, implementation="xla"))(q, k, v))
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  # bf16 inputs: float32 logits and softmax, as jax's XLA path.
+  qkv16 = qkv.astype(jnp.bfloat16)
+  got16 = layers.heads_major_attention(qkv16, scale)
+  ref16 = jax.nn.dot_product_attention(qkv16[:, :, 0], qkv16[:, :, 1], qkv16[:, :, 2],
+                                       scale=scale, implementation="xla")
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got16.astype(np.float32), ref16.astype(np.float32), atol=2e-2)
+
+
+def test_cotangent_fence_is_the_identity_and_its_gradient_too():
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  np.testing.assert_array_equal(layers.cotangent_fence(x), x)
+  f = lambda x: jnp.sum(jnp.sin(layers.cotangent_fence(x)) * x)
+  g = lambda x: jnp.sum(jnp.sin(x) * x)
+  # Equal up to rounding: the fence changes which products XLA fuses (fused multiply-adds).
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x), rtol=1e-6,
+                             atol=1e-7)
+  # A non-finite first element only picks the other (identical) branch.
+  y = x.at[0, 0].set(jnp.inf)
+  np.testing.assert_array_equal(jax.grad(lambda y: jnp.sum(layers.cotangent_fence(y) * 2))(y),
+                                jnp.full_like(y, 2.0))
+
+
+def _unrolled_model(depth: int = 6, **kw) -> DiT:
+  return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth,
+             num_heads=4, num_classes=10, **kw)
+
+
+def _loss_grad(model: DiT, params):
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  t, y = jnp.array([3, 700]), jnp.array([1, 10])
+  loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
+  return jax.jit(jax.grad(loss)), params
+
+
+def _widest_fusion(model: DiT, params) -> int:
+  grad, params = _loss_grad(model, params)
+  hlo = grad.lower(params).compile().as_text()
+  return max(len(re.findall(r"%[\w.\-]+", line.split(" fusion(", 1)[1].split(")")[0]))
+             for line in hlo.splitlines() if " fusion(" in line)
+
+
+def test_unrolled_backward_has_no_fusion_spanning_the_blocks(monkeypatch):
+  """Without the fence XLA on CPU fused the residual cotangent of every block into each
+  consumer: such a fusion reads about 5 tensors per block, so its width grows with depth. With
+  the fence the widest fusion is one block's and does not grow."""
+  params = {depth: init_params(_unrolled_model(depth=depth), jax.random.key(0))
+            for depth in (3, 6)}
+  fenced = {depth: _widest_fusion(_unrolled_model(depth=depth), p) for depth, p in params.items()}
+  assert fenced[6] == fenced[3], fenced
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the model leaves the fence out
+  unfenced = _widest_fusion(_unrolled_model(depth=6), params[6])
+  assert unfenced > fenced[6] + 10, (unfenced, fenced)
+
+
+def test_fenced_unrolled_gradient_is_the_scanned_gradient():
+  model = _unrolled_model()
+  params = init_params(model, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
+                        params)
+  grad, _ = _loss_grad(model, params)
+  grad_scanned, _ = _loss_grad(model.clone(scan_blocks=True), None)
+  got = stack_block_params(grad(params), model.depth)
+  expected = grad_scanned(stack_block_params(params, model.depth))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got,
+               expected)
+
+
+def test_attention_impl_is_checked():
+  with pytest.raises(ValueError, match="attention_impl"):
+    _unrolled_model(attention_impl="flash")
