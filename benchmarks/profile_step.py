@@ -136,9 +136,10 @@ def summarize(events: list[dict], instructions: dict[str, dict[str, str]], steps
 
 
 def profile(variant: str, batch: int, dtype: str, scan_blocks: bool, warmup: int, steps: int,
-            out: pathlib.Path, top: int, remat: str | None = None) -> str:
+            out: pathlib.Path, top: int, remat: str | None = None, input_size: int = 32) -> str:
   blocks = "scanned" if scan_blocks else "unrolled"
-  _, step, state, batch_arrays = build_step(variant, batch, dtype, remat, None, scan_blocks)
+  _, step, state, batch_arrays = build_step(variant, batch, dtype, remat, None, scan_blocks,
+                                            input_size)
   rng = jax.random.key(1)
   compiled = step.lower(state, batch_arrays, rng, None).compile()
   out.mkdir(parents=True, exist_ok=True)

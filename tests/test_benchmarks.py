@@ -17,6 +17,7 @@ class Block:
       raise ImportError("not on the accelerator image: " + name)
 sys.meta_path.insert(0, Block())
 import benchmarks.accelerator, benchmarks.train_throughput, benchmarks.sampling_speed
+import benchmarks.profile_step
 from benchmarks.train_throughput import measure
 print("ok")
 """
@@ -46,3 +47,30 @@ def test_format_table():
   assert lines[0].startswith("device: 1 x NVIDIA H100 80GB HBM3, bfloat16, jax 0.11.2")
   assert "| DiT-XL/2 | 64 | none | cudnn | 355.5 | 25.6% | 53.2 | 11.3 | 18.6 |" in lines
   assert lines[-1].startswith("| DiT-L/2 | no batch of [8] fits |")
+
+
+def test_profile_step_groups_the_trace_by_kind_and_pass(tmp_path):
+  """A real trace of a small variant's train step, read back: matmuls forward and backward."""
+  from benchmarks import profile_step
+  report = profile_step.profile("S/8", batch=2, dtype="float32", scan_blocks=True, warmup=1,
+                                steps=1, out=tmp_path, top=5, input_size=16)
+  assert (tmp_path / "scanned.hlo.txt").exists()
+  assert list(tmp_path.glob("scanned/plugins/profile/*/*.xplane.pb"))
+  rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2])
+          for line in report.splitlines() if line.startswith("| ")}
+  assert ("matmul", "forward") in rows and ("matmul", "backward") in rows, report
+  shares = [float(line.rsplit("|", 2)[1].strip().rstrip("%"))
+            for line in report.splitlines() if line.endswith("% |")]
+  assert abs(sum(shares) - 100) < 1, shares
+
+
+def test_hlo_instructions_reads_fusions():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import profile_step
+  f = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))))
+  text = f.lower(jnp.ones((4, 3)), jnp.ones((2, 4))).compile().as_text()
+  instructions = profile_step.hlo_instructions(text)
+  kinds = {profile_step.kind_of(i) for i in instructions.values()}
+  passes = {profile_step.pass_of(i) for i in instructions.values()}
+  assert "matmul" in kinds and "backward" in passes and "forward" in passes
