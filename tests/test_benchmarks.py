@@ -7,8 +7,9 @@ import pytest
 from benchmarks import accelerator
 from conftest import ROOT
 
-# Accelerator images carry jax, flax, optax and numpy, but not the TF stack or ml_collections.
-BLOCKER = """
+# Accelerator images carry jax, flax, optax and numpy, but not the TF stack or ml_collections:
+# a script that starts with this fails on importing any of those.
+BLOCK_TF_STACK = """
 import sys
 class Block:
   def find_spec(self, name, path=None, target=None):
@@ -16,6 +17,8 @@ class Block:
                               "grain", "array_record", "orbax", "torch"}:
       raise ImportError("not on the accelerator image: " + name)
 sys.meta_path.insert(0, Block())
+"""
+BLOCKER = BLOCK_TF_STACK + """
 import benchmarks.accelerator, benchmarks.train_throughput, benchmarks.sampling_speed
 import benchmarks.profile_step
 from benchmarks.train_throughput import measure

@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import memory_plan as mp
 from conftest import ROOT
+from test_benchmarks import BLOCK_TF_STACK
 
 GIB = 2**30
 TINY = dict(depth=1, hidden_size=64, num_heads=2, num_classes=10)
@@ -107,15 +108,7 @@ def test_tiny_plan_is_linear_in_the_batch_and_reports_its_collectives(tiny_plan)
   assert "| 32 px | (1, 4, 1) | 4 | none | >16 | >16 | >16 | >16 | >16 | 16 (" in table, table
 
 
-# Accelerator images carry jax, flax, optax and numpy, but not the TF stack or ml_collections.
-BLOCKED = """
-import sys
-class Block:
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in {"tensorflow", "tensorflow_datasets", "ml_collections", "clu",
-                              "grain", "array_record", "orbax", "torch"}:
-      raise ImportError("not on the accelerator image: " + name)
-sys.meta_path.insert(0, Block())
+BLOCKED = BLOCK_TF_STACK + """
 from benchmarks import memory_plan
 r = memory_plan.compile_job(dict(variant="S/2", overrides=%r, image_size=32, mesh=[1, 1, 1],
                                  batch=2, remat="nothing_saveable"))
