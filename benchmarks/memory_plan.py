@@ -108,9 +108,6 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
   mesh [data, fsdp, tensor], batch (per batch shard: the global batch is batch x data x fsdp),
   remat (None or a jax.checkpoint_policies name).
   """
-  import functools
-  import types
-
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -120,15 +117,14 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
   from dit_jax.models import count_params, create_model
   from dit_jax.train import sharding as shd
   from dit_jax.train import state as state_lib
-  from dit_jax.train.step import train_step
+  from benchmarks.train_throughput import OPTIMIZER
+  from dit_jax.train.step import jit_train_step
 
   side = job["image_size"] // 8
   overrides = {"num_classes": 1000, **job.get("overrides", {})}
   model = create_model(job["variant"], input_size=side, dtype=jnp.bfloat16, scan_blocks=True,
                        remat_policy=job["remat"], **overrides)
-  tx, schedule = state_lib.make_optimizer(types.SimpleNamespace(
-      learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
-      grad_clip_norm=0.0))
+  tx, schedule = state_lib.make_optimizer(OPTIMIZER)
   sizes = tuple(job["mesh"])
   mesh = shd.make_mesh(shd.MESH_AXES, sizes, devices=jax.devices()[:math.prod(sizes)])
   rules = shd.rules_from_config(shd.AXIS_RULES, mesh.axis_names)
@@ -141,12 +137,9 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     del frozen
     return latents_from_moments(b["moments"], rng, 0.18215)
 
-  step = functools.partial(train_step, model=model, process=OFFICIAL_PROCESS, x0=x0, tx=tx,
-                           lr_schedule=schedule, ema_decay=0.9999, mesh=layout.mesh,
-                           axis_rules=layout.rules)
+  jitted = jit_train_step(layout, model=model, process=OFFICIAL_PROCESS, x0=x0, tx=tx,
+                          lr_schedule=schedule, ema_decay=0.9999)
   replicated = shd.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(layout.state, layout.batch, replicated, replicated),
-                   out_shardings=(layout.state, replicated), donate_argnums=0)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=layout.batch[k])
                     for k, v in spec.items()}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)

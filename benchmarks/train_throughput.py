@@ -9,7 +9,6 @@ local devices (data parallel), with scanned and/or unrolled blocks. Needs only j
 on accelerator images without TensorFlow or ml_collections. Prints a Markdown table.
 """
 import argparse
-import functools
 import time
 import types
 
@@ -21,8 +20,13 @@ from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import create_model
 from dit_jax.train import sharding as shd
 from dit_jax.train import state as state_lib
-from dit_jax.train.step import train_step
+from dit_jax.train.step import jit_train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
+
+# AdamW as the trainer builds it (`state.make_optimizer`), constant learning rate, no clipping.
+OPTIMIZER = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999,
+                                  eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
+
 
 def latents(batch, rng, frozen):
   """The step's x0: the batch's random latents as they are."""
@@ -40,9 +44,7 @@ def build_step(variant: str, batch: int, dtype: str, remat: str | None,
   model = create_model(variant, input_size=input_size, num_classes=1000,
                        dtype=jnp.dtype(dtype), scan_blocks=scan_blocks, remat_policy=remat,
                        attention_impl=attention)
-  optimizer = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999,
-                                    eps=1e-8, warmup_steps=0, grad_clip_norm=0.0)
-  tx, schedule = state_lib.make_optimizer(optimizer)
+  tx, schedule = state_lib.make_optimizer(OPTIMIZER)
   mesh = shd.make_mesh(shd.MESH_AXES, (-1, 1, 1))
   shape = (batch, input_size, input_size, 4)
   spec = {"images": jax.ShapeDtypeStruct(shape, np.float32),
@@ -53,11 +55,8 @@ def build_step(variant: str, batch: int, dtype: str, remat: str | None,
       "images": jax.device_put(np.random.default_rng(0).standard_normal(shape, np.float32),
                                layout.batch["images"]),
       "labels": jax.device_put(np.arange(batch, dtype=np.int32) % 1000, layout.batch["labels"])}
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_schedule=schedule,
-                                   ema_decay=0.9999, process=OFFICIAL_PROCESS, x0=latents),
-                 in_shardings=(layout.state, layout.batch,
-                               shd.replicated(mesh), shd.replicated(mesh)),
-                 out_shardings=(layout.state, shd.replicated(mesh)), donate_argnums=0)
+  step = jit_train_step(layout, model=model, process=OFFICIAL_PROCESS, x0=latents, tx=tx,
+                        lr_schedule=schedule, ema_decay=0.9999)
   return model, step, state, batch_arrays
 
 

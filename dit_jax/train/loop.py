@@ -21,7 +21,7 @@ from dit_jax.train import state as state_lib
 from dit_jax.train.checkpointing import (Checkpointer, CheckpointWriteError, PreemptionHandler,
                                          any_process)
 from dit_jax.train.inputs import Inputs, make_inputs
-from dit_jax.train.step import train_step
+from dit_jax.train.step import jit_train_step
 from dit_jax.train.throughput import peak_flops, train_flops_per_image
 from dit_jax.train.workdir_lock import LeaseLock, WorkdirLock, lock_workdir
 
@@ -161,14 +161,8 @@ def initial_state(run: Run, config: Any) -> state_lib.TrainState:
 
 def compile_step(run: Run, config: Any):
   """The jitted `(state, global batch, rng, frozen) -> (state, metrics)`; the state donated."""
-  step_fn = functools.partial(
-      train_step, model=run.model, process=run.process, x0=run.inputs.x0, tx=run.tx,
-      lr_schedule=run.lr_schedule, ema_decay=config.ema_decay,
-      mesh=run.layout.mesh, axis_rules=run.layout.rules)  # the activations' shardings
-  replicated = shd.replicated(run.layout.mesh)
-  return jax.jit(step_fn, in_shardings=(run.layout.state, run.layout.batch, replicated,
-                                        replicated),
-                 out_shardings=(run.layout.state, replicated), donate_argnums=0)
+  return jit_train_step(run.layout, model=run.model, process=run.process, x0=run.inputs.x0,
+                        tx=run.tx, lr_schedule=run.lr_schedule, ema_decay=config.ema_decay)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """The pure train step: the process's loss, AdamW update, EMA."""
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -8,7 +9,7 @@ import optax
 from dit_jax.diffusion import Process
 from dit_jax.models import LABEL_DROPOUT_RNG, DiT
 from dit_jax.train import sharding as shd
-from dit_jax.train.state import TrainState, ema_update
+from dit_jax.train.state import Layout, TrainState, ema_update
 
 X0_RNG_TAG = 3  # fold_in tag of the x0 key (posterior sampling); the others are a split
 
@@ -69,3 +70,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  learning_rate=jnp.asarray(lr_schedule(state.step), jnp.float32))
   return new_state, metrics
+
+
+def jit_train_step(layout: Layout, *, model: DiT, process: Process, x0: X0Fn,
+                   tx: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
+                   ema_decay: float):
+  """The trainer's jitted `(state, global batch, rng, frozen) -> (state, metrics)` on `layout`:
+  state and batch in their shardings, activations constrained by its rules, the state donated.
+  """
+  step_fn = functools.partial(train_step, model=model, process=process, x0=x0, tx=tx,
+                              lr_schedule=lr_schedule, ema_decay=ema_decay,
+                              mesh=layout.mesh, axis_rules=layout.rules)
+  replicated = shd.replicated(layout.mesh)
+  return jax.jit(step_fn, in_shardings=(layout.state, layout.batch, replicated, replicated),
+                 out_shardings=(layout.state, replicated), donate_argnums=0)
