@@ -64,19 +64,18 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
 def kind_of(info: dict[str, str]) -> str:
   """A coarse category of an HLO instruction: what kind of work its time is."""
   op_name, opcode, fused = info["op_name"], info["opcode"], info["fused"]
-  if "dot_product_attention" in op_name or "/attn/" in op_name and "dot_general" not in op_name:
-    inner = "attention (softmax, scores)"
-  else:
-    inner = ""
+  # Attention's own ops: inside the `attn` module but not its qkv/proj Dense layers.
+  attention = "dot_product_attention" in op_name or (
+      "/attn/" in op_name and "/attn/qkv/" not in op_name and "/attn/proj/" not in op_name)
   if opcode == "dot" or " dot" in f" {fused}" or "custom-call" in opcode and "matmul" in fused:
-    return "attention matmuls" if "dot_product_attention" in op_name else "matmul"
-  if inner:
-    return inner
+    return "attention matmuls" if attention else "matmul"
+  if attention:
+    return "attention (softmax, scores)"
   if opcode in ("copy", "transpose") or fused and set(fused.split()) <= {
       "copy", "transpose", "bitcast", "parameter", "reshape"}:
     return "copy / transpose"
-  if opcode == "broadcast" or "broadcast" in info["op_name"] and "fusion" in opcode and \
-      set(fused.split()) <= {"broadcast", "parameter", "constant", "bitcast"}:
+  if opcode == "broadcast" or "broadcast" in fused.split() and set(fused.split()) <= {
+      "broadcast", "parameter", "constant", "bitcast"}:
     return "broadcast (fill)"
   if opcode in ("reduce", "reduce-window") or "reduce" in fused.split():
     return "reduction"

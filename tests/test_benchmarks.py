@@ -62,6 +62,7 @@ def test_profile_step_groups_the_trace_by_kind_and_pass(tmp_path):
   rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2])
           for line in report.splitlines() if line.startswith("| ")}
   assert ("matmul", "forward") in rows and ("matmul", "backward") in rows, report
+  assert ("attention matmuls", "forward") in rows, report  # q k^T and p v, apart from Dense
   shares = [float(line.rsplit("|", 2)[1].strip().rstrip("%"))
             for line in report.splitlines() if line.endswith("% |")]
   assert abs(sum(shares) - 100) < 1, shares
