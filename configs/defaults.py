@@ -55,8 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
   config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
 
-  # The process (dit_jax.diffusion.process_from_config); learn_sigma is model.learn_sigma. Training
-  # draws t from every step; samplers respace it (sample.num_steps).
+  # The process (dit_jax.diffusion.process_from_config): "diffusion" (the paper's; settings in
+  # config.diffusion) or "flow" (flow matching on SiT's interpolants; config.flow). Checkpoints
+  # record it; learn_sigma is model.learn_sigma.
+  config.process = "diffusion"
+  # Diffusion: training draws t from every step; samplers respace it (sample.num_steps).
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.noise_schedule = "linear"  # or "squaredcos_cap_v2".
   config.diffusion.diffusion_steps = 1000  # T: the number of noise levels.
@@ -64,6 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.diffusion.predict_xstart = False  # the model predicts x_0 (else the noise eps).
   config.diffusion.use_kl = False  # loss: the variational bound alone (else MSE [+ VB]).
   config.diffusion.rescale_learned_sigmas = False  # VB term x diffusion_steps / 1000.
+  # Flow matching (dit_jax.diffusion.flow), SiT's orientation: x_t = alpha_t x + sigma_t eps, t = 0
+  # noise and t = 1 data. A flow model has no variance: set model.learn_sigma = False (True
+  # keeps SiT's 2x output, its second half unused).
+  config.flow = ml_collections.ConfigDict()
+  config.flow.path = "linear"  # alpha = t, sigma = 1 - t; or "gvp": sin / cos of pi t / 2.
+  config.flow.prediction = "velocity"  # what the model outputs; or "noise", "score".
+  config.flow.loss_weight = "none"  # noise / score predictions: "velocity" or "likelihood".
+  # Endpoint offsets of t in training and sampling; None: 0 for velocity, 1e-3 otherwise.
+  config.flow.train_eps = optional(float)
+  config.flow.sample_eps = optional(float)
 
   config.batch_size = 256  # global, over all devices and hosts.
   config.num_steps = 400_000  # training steps (the paper: 400K for XL/2).

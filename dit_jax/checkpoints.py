@@ -2,7 +2,7 @@
 
 Layout: an orbax `CheckpointManager` directory whose step directories hold
   - `config` (JSON): `model` = `DiT.arch_config()`, so that a later tool rebuilds the model from
-    the checkpoint alone; `process` = the `DiffusionProcess` the weights were trained for, which
+    the checkpoint alone; `process` = the process (`Process.to_dict`) the weights were trained for, which
     sampling must use; a training checkpoint adds `run` (the whole run config), an imported one
     where its weights came from;
   - `params`: a parameter tree in the unscanned layout (`save_params`: `python -m
@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dit_jax import fs
-from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess
+from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess, Process, process_from_dict
 from dit_jax.models import DiT, model_from_config, stack_block_params, unstack_block_params
 
 # Item names of a step directory.
@@ -33,15 +33,15 @@ STATE_ITEM = "state"  # a TrainState (training checkpoint)
 CONFIG_ITEM = "config"  # JSON: saved_config()
 
 
-def saved_config(model: DiT, process: DiffusionProcess, **extra: Any) -> dict[str, Any]:
+def saved_config(model: DiT, process: Process, **extra: Any) -> dict[str, Any]:
   """The `config` item: the architecture, the process, and `extra` (`run`, `source`, ...)."""
   return {"model": model.arch_config(), "process": process.to_dict(), **extra}
 
 
-def process_of(config: dict[str, Any]) -> DiffusionProcess:
-  """The diffusion process a checkpoint's `config` item records (older layouts included)."""
+def process_of(config: dict[str, Any]) -> Process:
+  """The process a checkpoint's `config` item records (older layouts included)."""
   if "process" in config:
-    return DiffusionProcess.from_config(config["process"])
+    return process_from_dict(config["process"])
   if "diffusion" in config.get("run", {}):  # a training checkpoint from before `process`
     return DiffusionProcess.from_config(config["run"]["diffusion"])
   # An imported official checkpoint from before `process`: the official process.
@@ -117,7 +117,7 @@ def _unscanned(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_params(directory: str, params: dict[str, Any], model: DiT, step: int = 0,
-                process: Optional[DiffusionProcess] = None,
+                process: Optional[Process] = None,
                 extra_config: Optional[dict[str, Any]] = None) -> str:
   """Writes `params` (either block layout), the model config and the process; refuses to
   overwrite.
@@ -246,12 +246,12 @@ class Reader:
     return config, step
 
   def load_for_sampling(self, step: Optional[int] = None, use_ema: bool = True,
-                        **runtime: Any) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
+                        **runtime: Any) -> tuple[DiT, Process, dict[str, Any]]:
     """See the module-level `load_for_sampling`."""
     return self._read(step, functools.partial(self._load, use_ema=use_ema, runtime=runtime))[1]
 
   def _load(self, step: int, use_ema: bool, runtime: dict[str, Any]
-            ) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
+            ) -> tuple[DiT, Process, dict[str, Any]]:
     config = read_config(self.manager, step)
     if "model" not in config:
       raise ValueError("no 'model' entry in its config")
@@ -286,8 +286,8 @@ def _restore_numpy(manager: ocp.CheckpointManager, step: int, item: str,
 
 
 def load_for_sampling(directory: str, step: Optional[int] = None, use_ema: bool = True,
-                      **runtime: Any) -> tuple[DiT, DiffusionProcess, dict[str, Any]]:
-  """Rebuilds the model and its diffusion process from a checkpoint and restores its weights.
+                      **runtime: Any) -> tuple[DiT, Process, dict[str, Any]]:
+  """Rebuilds the model and its process from a checkpoint and restores its weights.
 
   Args:
     directory: a directory written by `save_params` / `python -m dit_jax.convert`, or a

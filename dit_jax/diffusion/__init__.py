@@ -8,8 +8,9 @@ from dit_jax.diffusion.gaussian_diffusion import (
     create_diffusion,
     spaced_diffusion,
 )
-from dit_jax.diffusion.process import (OFFICIAL_PROCESS, DiffusionProcess, Process,
-                                       process_from_config)
+from dit_jax.diffusion.flow import FlowProcess
+from dit_jax.diffusion.process import (OFFICIAL_PROCESS, PROCESSES, DiffusionProcess, Process,
+                                       process_from_config, process_from_dict)
 from dit_jax.diffusion.losses import (
     approx_standard_normal_cdf,
     continuous_gaussian_log_likelihood,
@@ -26,7 +27,9 @@ from dit_jax.diffusion.schedules import (
 
 __all__ = [
     "DiffusionProcess",
+    "FlowProcess",
     "OFFICIAL_PROCESS",
+    "PROCESSES",
     "GaussianDiffusion",
     "Process",
     "LossType",
@@ -42,6 +45,7 @@ __all__ = [
     "mean_flat",
     "normal_kl",
     "process_from_config",
+    "process_from_dict",
     "respace_betas",
     "space_timesteps",
     "spaced_diffusion",

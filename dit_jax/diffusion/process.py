@@ -3,10 +3,10 @@ sampling uses.
 
 `Process` is the seam between a generative process and the rest of the code. The train step
 knows only `loss_terms` (the process draws its own times and noise), the checkpoints only
-`to_dict` and `describe`, and sampling takes the process a checkpoint records. `DiffusionProcess`
-(the official Gaussian diffusion, `GaussianDiffusion` doing the work) is the one implementation;
-flow matching (continuous t in [0, 1], velocity prediction) is meant to be another, built by
-`process_from_config` from its own settings.
+`to_dict` and `describe`, and sampling takes the process a checkpoint records. Two implement it:
+`DiffusionProcess` (the official Gaussian diffusion, `GaussianDiffusion` doing the work) and
+`FlowProcess` (flow matching on SiT's interpolants, `dit_jax.diffusion.flow`): `config.process`
+chooses, `process_from_config` builds it, `process_from_dict` reads a recorded one back.
 
 A model's outputs mean something only under its process: the noise schedule and number of steps
 define the timesteps it was trained on, `predict_xstart` whether it outputs x_0 or eps,
@@ -19,7 +19,10 @@ from typing import Any, Mapping, Optional, Protocol
 
 import jax
 
+from dit_jax.diffusion.flow import FlowProcess
 from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn, create_diffusion
+
+PROCESSES = ("diffusion", "flow")  # the values of config.process
 
 
 class Process(Protocol):
@@ -28,6 +31,8 @@ class Process(Protocol):
   Implementations are frozen dataclasses: hashable (a static argument of jitted functions, a
   cache key) and comparable (a checkpoint's process against a config's).
   """
+
+  kind: str  # "diffusion" or "flow": which samplers apply (`dit_jax.samplers.SAMPLERS`)
 
   @property
   def learn_sigma(self) -> bool:
@@ -74,6 +79,8 @@ class DiffusionProcess:
   # The VB term times diffusion_steps / 1000 (RESCALED_MSE).
   rescale_learned_sigmas: bool = dataclasses.field(default=False, compare=False)
 
+  kind = "diffusion"  # a class constant, not recorded: a process without `kind` is a diffusion
+
   @classmethod
   def from_config(cls, settings: Mapping[str, Any]) -> "DiffusionProcess":
     """From `config.diffusion` or a saved process; a missing field takes the official value."""
@@ -105,14 +112,28 @@ class DiffusionProcess:
 
 
 def process_from_config(config: Any) -> Process:
-  """The process a training config describes: `config.diffusion`, learning sigma iff the model
-  outputs variance values (`config.model.learn_sigma`: derived, not repeated in the config).
+  """The process a training config describes: `config.process` ("diffusion", the default, with
+  `config.diffusion`; or "flow" with `config.flow`), learning sigma iff the model outputs
+  variance values (`config.model.learn_sigma`: derived, not repeated in the config).
 
-  Training draws t from every step of the process; samplers respace it
-  (`config.sample.num_steps`).
+  Diffusion training draws t from every step of the process; samplers respace it
+  (`config.sample.num_steps`). Flow training draws a continuous t.
   """
-  settings = {**config.diffusion, "learn_sigma": config.model.learn_sigma}
-  return DiffusionProcess.from_config(settings)
+  kind = config.get("process", "diffusion")
+  if kind not in PROCESSES:
+    raise ValueError(f"config.process: {kind!r} is not one of {', '.join(PROCESSES)}")
+  section = config.diffusion if kind == "diffusion" else config.flow
+  return process_from_dict({**section, "kind": kind, "learn_sigma": config.model.learn_sigma})
+
+
+def process_from_dict(settings: Mapping[str, Any]) -> Process:
+  """The process `Process.to_dict` recorded (`kind` absent: a diffusion, as before flows)."""
+  kind = settings.get("kind", "diffusion")
+  if kind == "flow":
+    return FlowProcess.from_config(settings)
+  if kind == "diffusion":
+    return DiffusionProcess.from_config(settings)
+  raise ValueError(f"process.kind: {kind!r} is not one of {', '.join(PROCESSES)}")
 
 
 # facebookresearch/DiT's process, which every released checkpoint was trained with.
