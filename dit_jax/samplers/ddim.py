@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.diffusion.schedules import extract_into_tensor
-from dit_jax.samplers.loop import (DenoisedFn, Loop, is_python_zero, nonzero_mask, reverse_steps,
-                                   run, step_indices)
+from dit_jax.samplers.loop import (DenoisedFn, Loop, SamplerOptions, is_python_zero, nonzero_mask,
+                                   reverse_steps, run, step_indices)
 
 
 def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, t: jax.Array,
@@ -56,8 +56,12 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: jax
 
 def sampler(process: DiffusionProcess, model_fn: ModelFn, noise: jax.Array, rng: jax.Array, *,
             num_steps: int, clip_denoised: bool, eta: float,
-            model_kwargs: Mapping[str, Any]) -> Loop:
-  """DDIM on num_steps strided steps ("ddim50"), eta scales its noise (0: deterministic)."""
+            model_kwargs: Mapping[str, Any], options: SamplerOptions = SamplerOptions()) -> Loop:
+  """DDIM on num_steps strided steps ("ddim50"), eta scales its noise (0: deterministic).
+
+  `options` (the flow samplers') are not used.
+  """
+  del options
   return _loop(process.diffusion(f"ddim{num_steps}"), model_fn, noise, eta,
                rng if eta else None, clip_denoised, None, model_kwargs)
 

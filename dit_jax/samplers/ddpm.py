@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
-from dit_jax.samplers.loop import (DenoisedFn, Loop, nonzero_mask, reverse_steps, run,
-                                   step_indices)
+from dit_jax.samplers.loop import (DenoisedFn, Loop, SamplerOptions, nonzero_mask,
+                                   reverse_steps, run, step_indices)
 
 
 def p_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, t: jax.Array,
@@ -39,12 +39,12 @@ def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: jax.Ar
 
 def sampler(process: DiffusionProcess, model_fn: ModelFn, noise: jax.Array, rng: jax.Array, *,
             num_steps: int, clip_denoised: bool, eta: float,
-            model_kwargs: Mapping[str, Any]) -> Loop:
+            model_kwargs: Mapping[str, Any], options: SamplerOptions = SamplerOptions()) -> Loop:
   """Ancestral sampling on num_steps evenly spaced steps (the paper: 250).
 
-  The noise is the posterior's: `eta` is not used.
+  The noise is the posterior's: `eta` is not used; nor are `options` (the flow samplers').
   """
-  del eta
+  del eta, options
   return _loop(process.diffusion(str(num_steps)), model_fn, noise, rng, clip_denoised, None,
                model_kwargs)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion, ModelMeanType
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
-from dit_jax.samplers.loop import Loop, run
+from dit_jax.samplers.loop import Loop, SamplerOptions, run
 
 
 def solver_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
@@ -77,12 +77,13 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn,
 
 def sampler(process: DiffusionProcess, model_fn: ModelFn, noise: jax.Array, rng: jax.Array, *,
             num_steps: int, clip_denoised: bool, eta: float,
-            model_kwargs: Mapping[str, Any]) -> Loop:
+            model_kwargs: Mapping[str, Any], options: SamplerOptions = SamplerOptions()) -> Loop:
   """DPM-Solver++(2M), an ODE solver for 10-25 steps using the x0 predictions only.
 
-  Deterministic: `rng` and `eta` are not used; the learned variance is ignored.
+  Deterministic: `rng` and `eta` are not used, nor are `options` (the flow samplers'); the
+  learned variance is ignored.
   """
-  del rng, eta
+  del rng, eta, options
   return _loop(process.diffusion(""), model_fn, noise, num_steps, clip_denoised, model_kwargs)
 
 
