@@ -25,14 +25,15 @@ from dit_jax.samplers.ddim import ddim_sample_loop
 from train_utils import ROOT, env_with_devices
 
 README = (ROOT / "README.md").read_text()
-NAME = "ddim-even"  # the README's registry line: "ddim-even": ddim_even.sampler
+NAME = "ddim-even"  # the README's registry line: "ddim-even": Registered(ddim_even.sampler, ...)
+FLOW = ["ode-euler", "ode-heun", "ode-dopri5", "sde-euler"]  # tests/test_flow_samplers.py
 # sample.py with the README's sampler registered first, as its one registry line would.
 SAMPLE_PY_WITH_EXAMPLE = """
 import runpy, sys, types
 from dit_jax import samplers
 module = types.ModuleType("ddim_even")
 exec(compile(sys.argv.pop(1), "README.md", "exec"), module.__dict__)
-samplers.SAMPLERS[sys.argv.pop(1)] = module.sampler
+samplers.SAMPLERS[sys.argv.pop(1)] = samplers.Registered(module.sampler, "diffusion")
 sys.argv[0] = "sample.py"
 runpy.run_path("sample.py", run_name="__main__")
 """
@@ -50,13 +51,14 @@ def registered(monkeypatch):
   """The README's example sampler, registered under NAME for the test."""
   module = types.ModuleType("ddim_even")
   exec(compile(example_source(), "README.md", "exec"), module.__dict__)  # noqa: S102
-  monkeypatch.setitem(samplers.SAMPLERS, NAME, module.sampler)
+  monkeypatch.setitem(samplers.SAMPLERS, NAME, samplers.Registered(module.sampler, "diffusion"))
   return module.sampler
 
 
 def test_the_registry_is_the_one_list_of_names():
   names = list(samplers.SAMPLERS)
-  assert names == ["ddpm", "ddim", "dpm-solver++"]
+  assert names == ["ddpm", "ddim", "dpm-solver++", *FLOW]
+  assert samplers.names("diffusion") == ["ddpm", "ddim", "dpm-solver++"]
   # The docs: README's sampler table lists exactly the registered samplers, in order.
   table = re.search(r"\| sampler \| steps.*?\n((?:\|.*\n)+)", README).group(1)
   assert re.findall(r"^\| `([^`]+)` \|", table, re.M) == names
@@ -67,7 +69,8 @@ def test_the_registry_is_the_one_list_of_names():
            if re.search(r"""["']dpm-solver\+\+["']""", p.read_text())]
   assert typed == ["dit_jax/samplers/__init__.py"]
   with pytest.raises(ValueError, match=r"^--sampler: 'euler' is not a sampler; expected one "
-                     r"of ddpm, ddim, dpm-solver\+\+$"):
+                     r"of ddpm, ddim, dpm-solver\+\+, ode-euler, ode-heun, ode-dopri5, "
+                     r"sde-euler$"):
     samplers.get("euler", "--sampler")
 
 
@@ -95,10 +98,11 @@ def test_config_benchmark_and_sample_py_take_a_registered_sampler(registered, tm
   assert generate.spec_from_config(config).sampler == NAME
   config.sample.sampler = "euler"
   with pytest.raises(ValueError, match=r"^config\.sample\.sampler: 'euler' is not a sampler; "
-                     r"expected one of ddpm, ddim, dpm-solver\+\+, ddim-even$"):
+                     r"expected one of ddpm, ddim, dpm-solver\+\+, ode-euler, ode-heun, "
+                     r"ode-dopri5, sde-euler, ddim-even$"):
     generate.spec_from_config(config)
   # The benchmark measures every registered sampler unless told otherwise.
-  assert sampling_speed.parse_args([]).samplers == ["ddpm", "ddim", "dpm-solver++", NAME]
+  assert sampling_speed.parse_args([]).samplers == ["ddpm", "ddim", "dpm-solver++", *FLOW, NAME]
   assert sampling_speed.parse_args(["--samplers", NAME]).samplers == [NAME]
 
   # sample.py: --sampler takes it, and the grid is the one generate.sample_grid draws with it.
@@ -123,6 +127,53 @@ def test_config_benchmark_and_sample_py_take_a_registered_sampler(registered, tm
   assert not np.array_equal(ddim, expected)
   helpfull = subprocess.run(args[:5] + ["--helpfull"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, env=env_with_devices(1))
-  text = " ".join(helpfull.stdout.split())  # absl wraps the help lines
-  assert f"<ddpm|ddim|dpm-solver++|{NAME}>" in text, text[-3000:]
-  assert f"{NAME}: Deterministic DDIM on num_steps evenly spaced steps" in text, text[-3000:]
+  # absl wraps the help lines, also after a hyphen ("sde-" / "euler").
+  text = " ".join(helpfull.stdout.split()).replace("- ", "-")
+  assert f"<ddpm|ddim|dpm-solver++|{'|'.join(FLOW)}|{NAME}>" in text, text[-3000:]
+  assert (f"{NAME} (diffusion): Deterministic DDIM on num_steps evenly spaced steps" in text
+          ), text[-3000:]
+
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm-solver++"])
+def test_diffusion_samplers_count_their_evaluations_and_ignore_the_flow_options(name):
+  calls = []
+
+  def model_fn(x, t, y):  # eps and variance values, counting its evaluations as they run
+    jax.debug.callback(lambda: calls.append(1), ordered=True)
+    eps = 0.3 * x + 0.05 * y[:, None, None, None]
+    return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
+
+  noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+  kwargs = dict(num_steps=6, clip_denoised=False, eta=0.0, model_kwargs={"y": jnp.array([1, 2])})
+  sampler = samplers.get(name, process=OFFICIAL_PROCESS)
+  plain = samplers.run(sampler(OFFICIAL_PROCESS, model_fn, noise, jax.random.key(1), **kwargs))
+  calls.clear()
+  out, nfe = jax.jit(lambda z: samplers.run_with_nfe(sampler(
+      OFFICIAL_PROCESS, model_fn, z, jax.random.key(1), **kwargs,
+      options=samplers.SamplerOptions(last_step="none", rtol=0.5))))(noise)
+  jax.effects_barrier()
+  assert int(nfe) == len(calls) == 6
+  np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.slow
+def test_the_sampling_benchmark_runs_every_registered_sampler():
+  """benchmarks.sampling_speed on its tiny model: each sampler on the process of its kind (a
+  flow on a model without learned sigma), the Python-driven steps drawing what the compiled
+  chain draws; the adaptive solver has no steps to drive, and reports its own evaluations."""
+  models = {kind: sampling_speed.build("tiny", learn_sigma=kind == "diffusion")
+            for kind in ("diffusion", "flow")}
+  for name, registered in samplers.SAMPLERS.items():
+    model, params = models[registered.kind]
+    assert sampling_speed.process_for(model, name).kind == registered.kind
+    z = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    labels = jnp.array([3, 4])
+    compiled, nfe = sampling_speed.scan_loop(model, params, name, 4, z, labels)()
+    assert compiled.shape == (4, 8, 8, 4) and np.isfinite(compiled).all(), name
+    stepwise = sampling_speed.python_loop(model, params, name, 4, z, labels)
+    if name == "ode-dopri5":
+      assert stepwise is None and int(nfe) > 4 and (int(nfe) - 1) % 6 == 0
+    else:
+      assert int(nfe) == 4, name
+      # (random weights: values in the hundreds, float32 rounding differing between programs)
+      np.testing.assert_allclose(stepwise(), compiled, rtol=1e-4, atol=1e-4, err_msg=name)
