@@ -3,11 +3,16 @@
   python -m benchmarks.sampling_speed [--models tiny S/2] [--samplers ddim] [--num_steps 50]
 
 For each model and sampler (default: every one of `dit_jax.samplers.SAMPLERS`) it prints images/s
-of the whole guided sampling loop (cfg 4, doubled batch), compiled once as dit-jax does it, and
-of the same sampler's step driven from Python (one dispatch per step). Needs only
-jax/flax/numpy (no TensorFlow, no ml_collections).
+of the whole guided sampling loop (cfg 4, doubled batch), compiled once as dit-jax does it, its
+model evaluations, and images/s of the same sampler's step driven from Python (one dispatch per
+step). A diffusion sampler runs the official process on a model with learned sigma, a flow
+sampler a flow (SiT's linear path, velocity prediction) on the same architecture without it.
+An adaptive solver (ode-dopri5) has no steps to drive from Python: its whole solve is one step
+of its chain, so that column is left empty. Needs only jax/flax/numpy (no TensorFlow, no
+ml_collections).
 """
 import argparse
+import dataclasses
 import time
 from typing import Optional, Sequence
 
@@ -15,39 +20,54 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import samplers
-from dit_jax.diffusion import OFFICIAL_PROCESS
+from dit_jax.diffusion import OFFICIAL_PROCESS, FlowProcess
 from dit_jax.models import DiT, create_model, init_params
 from dit_jax.samplers.guidance import guide
 
 
-def build(name: str):
+# The process each kind of sampler runs; the model is built to match (learn_sigma).
+PROCESSES = {"diffusion": OFFICIAL_PROCESS, "flow": FlowProcess()}
+
+
+def build(name: str, learn_sigma: bool = True):
   if name == "tiny":  # the official fixture's architecture: 8x8x4 latents, depth 1, width 64
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
-                num_classes=10)
+                num_classes=10, learn_sigma=learn_sigma)
   else:  # 256 px: 32x32x4 latents
-    model = create_model(name, input_size=32, num_classes=1000)
+    model = create_model(name, input_size=32, num_classes=1000, learn_sigma=learn_sigma)
   params = init_params(model, jax.random.key(0))
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
   return model, params
 
 
+def process_for(model: DiT, sampler: str):
+  """The process `sampler` samples, for a model built with `build` (its learn_sigma)."""
+  process = PROCESSES[samplers.SAMPLERS[sampler].kind]
+  return dataclasses.replace(process, learn_sigma=model.learn_sigma)
+
+
 def make_loop(model, params, sampler, steps, z, labels) -> samplers.Loop:
   """The registered sampler's chain for guided (scale 4) samples of `labels` from noise z."""
   model_fn, noise, kwargs = guide(model, params, z, labels, cfg_scale=4.0)
-  return samplers.get(sampler)(OFFICIAL_PROCESS, model_fn, noise, jax.random.key(0),
-                               num_steps=steps, clip_denoised=False, eta=0.0,
-                               model_kwargs=kwargs)
+  process = process_for(model, sampler)
+  return samplers.get(sampler, process=process)(
+      process, model_fn, noise, jax.random.key(0), num_steps=steps, clip_denoised=False,
+      eta=0.0, model_kwargs=kwargs)
 
 
 def scan_loop(model, params, sampler, steps, z, labels):
-  """The whole chain compiled once (`samplers.run`: one lax.scan), as dit-jax samples."""
-  fn = jax.jit(lambda p, z: samplers.run(make_loop(model, p, sampler, steps, z, labels)))
+  """The whole chain compiled once (`samplers.run_with_nfe`: one lax.scan), as dit-jax samples;
+  returns `(samples, model evaluations)`."""
+  fn = jax.jit(lambda p, z: samplers.run_with_nfe(make_loop(model, p, sampler, steps, z, labels)))
   return lambda: fn(params, z)
 
 
 def python_loop(model, params, sampler, steps, z, labels):
-  """The same sampler's step, jitted, one dispatch per step from Python."""
+  """The same sampler's step, jitted, one dispatch per step from Python; None for a chain
+  that decides its steps at run time (one step, the whole adaptive solve)."""
   loop = make_loop(model, params, sampler, steps, z, labels)
+  if callable(loop.nfe):
+    return None
   step = jax.jit(loop.step)
   xs = jax.device_get(loop.xs)
   num = len(jax.tree.leaves(xs)[0])
@@ -84,22 +104,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main() -> None:
   args = parse_args()
   print(f"device: {jax.devices()[0].device_kind}, batch {args.batch} (x2 for guidance)")
-  print("| model | sampler | steps | compiled loop img/s | Python loop img/s | speed-up | "
-        "compile s |")
-  print("|---|---|---|---|---|---|---|")
+  print("| model | sampler | steps | evaluations | compiled loop img/s | Python loop img/s | "
+        "speed-up | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
   for name in args.models:
-    model, params = build(name)
-    z = jax.random.normal(jax.random.key(2), (args.batch, model.input_size, model.input_size,
-                                               model.in_channels))
-    labels = jnp.arange(args.batch) % model.num_classes
+    kinds = {samplers.SAMPLERS[sampler].kind for sampler in args.samplers}
+    # A model per kind of process: with learned sigma for the diffusion, without for the flow.
+    models = {kind: build(name, learn_sigma=kind == "diffusion") for kind in sorted(kinds)}
     for sampler in args.samplers:
-      first, scan_s = timed(scan_loop(model, params, sampler, args.num_steps, z, labels),
-                            args.repeats)
-      _, py_s = timed(python_loop(model, params, sampler, args.num_steps, z, labels),
-                      args.repeats)
-      print(f"| {name} | {sampler} | {args.num_steps} | {args.batch / scan_s:.3g} | "
-            f"{args.batch / py_s:.3g} | {py_s / scan_s:.2f}x | {first - scan_s:.1f} |",
-            flush=True)
+      model, params = models[samplers.SAMPLERS[sampler].kind]
+      z = jax.random.normal(jax.random.key(2), (args.batch, model.input_size, model.input_size,
+                                                 model.in_channels))
+      labels = jnp.arange(args.batch) % model.num_classes
+      scan = scan_loop(model, params, sampler, args.num_steps, z, labels)
+      first, scan_s = timed(scan, args.repeats)
+      nfe = int(scan()[1])
+      stepwise = python_loop(model, params, sampler, args.num_steps, z, labels)
+      if stepwise is None:
+        python_cells = "| - | - |"
+      else:
+        _, py_s = timed(stepwise, args.repeats)
+        python_cells = f"| {args.batch / py_s:.3g} | {py_s / scan_s:.2f}x |"
+      print(f"| {name} | {sampler} | {args.num_steps} | {nfe} | {args.batch / scan_s:.3g} "
+            f"{python_cells} {first - scan_s:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
