@@ -217,17 +217,28 @@ def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
 
 def load_config_file(spec: str, name: str = "config") -> Any:
   """`get_config([arg])` of a config file given as `path[:arg]`, as ml_collections calls it."""
-  path, colon, arg = spec.partition(":")
+  _, colon, arg = spec.partition(":")
+  module = load_config_module(spec, name)
+  try:
+    return module.get_config(arg) if colon else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file is the user's code, and its argument the user's input.
+    raise UserError(f"--{name}={spec}: {type(e).__name__}: {e}") from e
+
+
+def load_config_module(spec: str, name: str = "config") -> Any:
+  """The module of a config file given as `path[:arg]`, imported from its path (as
+  ml_collections imports it), for what it defines besides `get_config` (a sweep's `get_hyper`)."""
+  path = spec.partition(":")[0]
   if not os.path.isfile(path):
     raise UserError(f"--{name}: no such file {path!r}")
   try:
     module_spec = importlib.util.spec_from_file_location(f"_{name}_file", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if colon else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
-    # The config file is the user's code, and its argument the user's input.
     raise UserError(f"--{name}={spec}: {type(e).__name__}: {e}") from e
+  return module
 
 
 def config_keys(config: Any, prefix: str = "") -> list[str]:

@@ -20,6 +20,29 @@ def _kind(row: dict[str, Any]) -> str:
   return next((k.split("/", 1)[0] for k in row if "/" in k), "")
 
 
+def _parse(text: str) -> tuple[list[dict[str, Any]], int]:
+  """(rows, number of unreadable lines: a line cut short by a killed process)."""
+  rows, partial = [], 0
+  for line in text.splitlines(keepends=True):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      partial += 1
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
+      rows.append(row)
+    else:
+      partial += 1
+  return rows, partial
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """The readable rows of `<workdir>/metrics.jsonl` in file order (none if it is missing), for
+  readers of a run's results (`dit_jax.sweep`)."""
+  path = fs.join(workdir, FILENAME)
+  return _parse(fs.read_text(path))[0] if fs.exists(path) else []
+
+
 class MetricsLog:
   """The rows of `<workdir>/metrics.jsonl`; only the chief process (`enabled`) writes them."""
 
@@ -53,19 +76,7 @@ class MetricsLog:
     self._keys.add(key)
 
   def _read(self) -> tuple[list[dict[str, Any]], int]:
-    """(rows, number of unreadable lines: a line cut short by a killed process)."""
-    rows, partial = [], 0
-    for line in fs.read_text(self.path).splitlines(keepends=True):
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        partial += 1
-        continue
-      if isinstance(row, dict) and isinstance(row.get("step"), int):
-        rows.append(row)
-      else:
-        partial += 1
-    return rows, partial
+    return _parse(fs.read_text(self.path))
 
   def _rewrite(self, rows: list[dict[str, Any]]) -> None:
     # Readers see the old file or the new one, never half of one.
