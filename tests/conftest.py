@@ -30,6 +30,9 @@ os.environ[open_guard.LOG_ENV] = _GUARD_LOG
 # TensorFlow's Keras reads ~/.keras/keras.json when imported: point it at the temp directory, so
 # a user's own settings can't change a test either.
 os.environ["KERAS_HOME"] = os.path.dirname(_GUARD_LOG)
+# Keras imports matplotlib when it is installed (the sweep plots need it), and matplotlib reads
+# its font cache from ~/.cache/matplotlib unless MPLCONFIGDIR says otherwise.
+os.environ["MPLCONFIGDIR"] = os.path.dirname(_GUARD_LOG)
 os.environ[open_guard.ROOT_ENV] = str(ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(_GUARD_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
