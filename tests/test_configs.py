@@ -20,7 +20,8 @@ from dit_jax.train.inputs import element_spec_from_config, make_inputs
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGENET_ARGS = [name.removeprefix("DiT-") for name in VARIANTS] + ["XL/2,512", "S/8,512"]
 # (config module, argument); "{folder}" is a temporary image folder of 2 classes.
-CASES = ([("digits", ""), ("tiny", ""), ("folder", "{folder}"), ("folder", "{folder},32,2")]
+CASES = ([("digits", ""), ("digits_scaling", ""), ("tiny", ""), ("folder", "{folder}"),
+          ("folder", "{folder},32,2")]
          + [("imagenet", arg) for arg in IMAGENET_ARGS])
 
 
