@@ -10,19 +10,30 @@ import logging
 from absl import flags
 
 from dit_jax import cli, logs, samplers
+from dit_jax.samplers.loop import SamplerOptions
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.convert` directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("use_ema", True, "Training checkpoints: EMA weights (else the raw ones).")
-flags.DEFINE_enum("sampler", "ddpm", list(samplers.SAMPLERS), samplers.describe())
-flags.DEFINE_integer("num_steps", 250, "Sampling steps (model evaluations): the checkpoint's "
-                     "diffusion process, respaced.")
+flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
+                  "Default: the checkpoint's process's (ddpm for a diffusion, ode-heun for a "
+                  f"flow). {samplers.describe()}")
+flags.DEFINE_integer("num_steps", None, "Model evaluations (default: 250 for ddpm, 50 for "
+                     "ode-heun); diffusion samplers respace the checkpoint's process.")
 flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale (1: none; 4 for pictures, 1.5 for FID).")
 flags.DEFINE_enum("guidance", "official", ["official", "all"],
                   "official: guide the first 3 channels (upstream quirk); all: every channel.")
 flags.DEFINE_float("eta", 0.0, "Noise scale of the samplers that have one (see --sampler).")
 flags.DEFINE_bool("clip_denoised", None, "Clip x0 predictions (default: for pixel models).")
+# Flow samplers' settings (dit_jax.samplers.loop.SamplerOptions; unset: SiT's defaults).
+flags.DEFINE_float("atol", None, "ode-dopri5: absolute tolerance (1e-6).")
+flags.DEFINE_float("rtol", None, "ode-dopri5: relative tolerance (1e-3).")
+flags.DEFINE_string("diffusion_form", None, "sde-euler: the diffusion coefficient w(t) (sigma).")
+flags.DEFINE_float("diffusion_norm", None, "sde-euler: its scale (1.0).")
+flags.DEFINE_string("last_step", None, "sde-euler: mean, tweedie, euler or none (mean).")
+flags.DEFINE_float("last_step_size", None, "sde-euler: the last step's size (0.04).")
+OPTION_FLAGS = ("atol", "rtol", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 flags.DEFINE_integer("seed", 0, "Seed of noise and labels.")
 flags.DEFINE_list("classes", None, "Grid classes (default: the first 10 or fewer).")
 flags.DEFINE_integer("per_class", 8, "Grid columns.")
@@ -58,16 +69,28 @@ def main(argv):
     if not all(c.isdigit() and int(c) < arch.get("num_classes", 0) for c in classes):
       raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
                           f"[0, {arch.get('num_classes')})")
-    # The process the model was trained with; --sampler and --num_steps respace it.
+    # The process the model was trained with: its samplers, which respace a diffusion.
     model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
-    if not 1 <= FLAGS.num_steps <= process.diffusion_steps:
-      raise cli.UserError(f"--num_steps: {FLAGS.num_steps} is not in [1, "
-                          f"{process.diffusion_steps}], the steps of the model's process")
+  default_sampler, default_steps = samplers.default_for(process)
+  sampler = FLAGS.sampler or default_sampler
+  num_steps = FLAGS.num_steps or default_steps
+  with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
+    samplers.get(sampler, "--sampler", process)
+    try:
+      options = SamplerOptions(**{name: getattr(FLAGS, name) for name in OPTION_FLAGS
+                                  if getattr(FLAGS, name) is not None})
+    except ValueError as error:  # "options.atol: ..." -> "--atol: ..."
+      raise ValueError(str(error).replace("options.", "--", 1)) from None
+    if process.kind == "diffusion" and not 1 <= num_steps <= process.diffusion_steps:
+      raise ValueError(f"--num_steps: {num_steps} is not in [1, {process.diffusion_steps}], "
+                       "the steps of the model's process")
+    if num_steps < 1:
+      raise ValueError(f"--num_steps: must be positive, got {num_steps}")
   pixel_space = model.in_channels in (1, 3)
   with cli.user_errors(FileNotFoundError, ValueError):  # no such VAE folder, or not a VAE
     decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
-      process=process, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+      process=process, sampler=sampler, num_steps=num_steps, options=options,
       cfg_scale=FLAGS.cfg_scale,
       guidance_channels=3 if FLAGS.guidance == "official" and model.in_channels >= 3 else None,
       eta=FLAGS.eta, seed=FLAGS.seed,

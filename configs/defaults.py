@@ -1,7 +1,10 @@
 """Every hyperparameter of a dit-jax run, with the paper's values; the other configs adjust it."""
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
+from dit_jax.samplers import loop
 from dit_jax.train import sharding
 
 
@@ -128,9 +131,22 @@ def base_config() -> ml_collections.ConfigDict:
   # 3: the official quirk; None guides all channels (typed, so --config can override a None).
   config.sample.guidance_channels = config_dict.FieldReference(3, field_type=int)
   config.sample.clip_denoised = False  # True only for pixel-space models.
+  # The flow samplers' settings (dit_jax.samplers.loop.SamplerOptions: ode-dopri5's tolerances,
+  # sde-euler's diffusion coefficient and last step), SiT's defaults; diffusion samplers ignore them.
+  config.sample.options = ml_collections.ConfigDict(dataclasses.asdict(loop.SamplerOptions()))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.digits = False  # grade samples with a classifier of the real digits.
   config.eval.num_samples = 1000  # guided EMA samples graded at the end.
   config.eval.batch_size = 500  # samples per sampling call.
+  return config
+
+
+def use_flow(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches a config to flow matching (SiT's recipe on the same backbone and budget): the
+  linear path with velocity prediction, a model without variance channels (a flow has no
+  variance to learn), and an ODE sampler (Heun, `sample.num_steps` model evaluations)."""
+  config.process = "flow"
+  config.model.learn_sigma = False
+  config.sample.sampler = "ode-heun"
   return config

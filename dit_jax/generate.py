@@ -11,9 +11,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import fs, logs, samplers
 from dit_jax import images as image_io
-from dit_jax.diffusion import DiffusionProcess, process_from_config
+from dit_jax.diffusion import Process, process_from_config
 from dit_jax.models import DiT
 from dit_jax.samplers.guidance import make_sample_fn
+from dit_jax.samplers.loop import SamplerOptions
 
 
 SAMPLE_RNG_TAG = 1_000_003  # fold_in tag: sample noise never collides with a train step's rng
@@ -32,21 +33,28 @@ class SamplingSpec:
   eta: float = 0.0  # DDIM noise
   clip_denoised: bool = False  # True for pixel-space models
   seed: int = 0
-  # The model's diffusion (its checkpoint records it); None: the official one.
-  process: Optional[DiffusionProcess] = None
+  # The model's process (its checkpoint records it); None: the official diffusion.
+  process: Optional[Process] = None
+  options: SamplerOptions = SamplerOptions()  # the flow samplers' settings
 
 
 def spec_from_config(config: Any) -> SamplingSpec:
   """The sampling settings of a training config (`config.sample`, the process, seed).
 
-  An unknown `config.sample.sampler` is refused here, naming the registered ones.
+  An unknown `config.sample.sampler`, one of the other process's, or bad
+  `config.sample.options` are refused here, naming the key.
   """
   cfg = config.sample
-  samplers.get(cfg.sampler, "config.sample.sampler")
+  process = process_from_config(config)
+  samplers.get(cfg.sampler, "config.sample.sampler", process)
+  try:
+    options = SamplerOptions(**cfg.options)
+  except ValueError as error:
+    raise ValueError(f"config.sample.{error}") from None  # "options.atol: ..."
   return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
-                      clip_denoised=cfg.clip_denoised, seed=config.seed,
-                      process=process_from_config(config))
+                      clip_denoised=cfg.clip_denoised, seed=config.seed, process=process,
+                      options=options)
 
 
 def sample_key(seed: int) -> jax.Array:
@@ -66,15 +74,16 @@ def _compiled(model: DiT, spec: SamplingSpec, batch: int, mesh: Mesh) -> Callabl
   return make_sample_fn(
       model, sampler=spec.sampler, num_steps=spec.num_steps, cfg_scale=spec.cfg_scale,
       guidance_channels=spec.guidance_channels, eta=spec.eta, clip_denoised=spec.clip_denoised,
-      process=spec.process,
+      process=spec.process, options=spec.options, return_nfe=True,
       # The batch over every mesh axis; the result replicated, so every process can read it.
       batch_sharding=NamedSharding(mesh, PartitionSpec(mesh.axis_names)),
       out_sharding=NamedSharding(mesh, PartitionSpec()))
 
 
 def _sample_fn(model: DiT, spec: SamplingSpec, batch: int,
-               mesh: Optional[Mesh] = None) -> Callable[..., jax.Array]:
-  """Jitted `(params, labels [batch], rng) -> [batch, H, W, C]`, the batch sharded over mesh."""
+               mesh: Optional[Mesh] = None) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """Jitted `(params, labels [batch], rng) -> ([batch, H, W, C], model evaluations)`, the batch
+  sharded over mesh."""
   mesh = default_mesh() if mesh is None else mesh
   if batch % mesh.size:
     raise ValueError(f"--batch_size: {batch} is not divisible by the {mesh.size} devices")
@@ -82,24 +91,30 @@ def _sample_fn(model: DiT, spec: SamplingSpec, batch: int,
 
 
 def sample(model: DiT, params: Any, spec: SamplingSpec, labels: np.ndarray, rng: jax.Array,
-           mesh: Optional[Mesh] = None, batch_size: Optional[int] = None) -> np.ndarray:
+           mesh: Optional[Mesh] = None, batch_size: Optional[int] = None,
+           return_nfe: bool = False) -> Any:
   """Samples [N, H, W, C] in the model's space (pixels or latents) for labels [N], any N.
 
   The batch is padded to a multiple of the mesh's devices; with the default threefry keys a
   sample's noise depends on its index only, so the padding does not change the others. With
   `batch_size`, at most that many at a time: the chunk starting at sample i is drawn with the
-  key `jax.random.fold_in(rng, i)` (training's digits grade).
+  key `jax.random.fold_in(rng, i)` (training's digits grade). With `return_nfe`, returns
+  `(samples, nfe)`: the model evaluations per chain (the mean over chunks: an adaptive solver's
+  differ).
   """
   if batch_size is not None:
-    return np.concatenate([sample(model, params, spec, labels[i:i + batch_size],
-                                  jax.random.fold_in(rng, i), mesh)
-                           for i in range(0, len(labels), batch_size)])
+    chunks = [sample(model, params, spec, labels[i:i + batch_size], jax.random.fold_in(rng, i),
+                     mesh, return_nfe=True) for i in range(0, len(labels), batch_size)]
+    samples = np.concatenate([chunk for chunk, _ in chunks])
+    return (samples, float(np.mean([nfe for _, nfe in chunks]))) if return_nfe else samples
   mesh = default_mesh() if mesh is None else mesh
   labels = np.asarray(labels, np.int32)
   n = len(labels)
   padded = -(-n // mesh.size) * mesh.size
   labels = np.concatenate([labels, np.resize(labels, padded - n)])
-  return np.asarray(_sample_fn(model, spec, padded, mesh)(params, labels, rng))[:n]
+  samples, nfe = _sample_fn(model, spec, padded, mesh)(params, labels, rng)
+  samples = np.asarray(samples)[:n]
+  return (samples, float(nfe)) if return_nfe else samples
 
 
 def vae_decoder(vae_dir: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -183,7 +198,8 @@ def generate_npz(model: DiT, params: Any, spec: SamplingSpec, num_samples: int, 
       # Uniformly random classes, as the official sample_ddp.py draws them.
       labels = np.asarray(jax.random.randint(jax.random.fold_in(rng, 0), (batch_size,), 0,
                                              model.num_classes), np.int32)
-      images = to_images(np.asarray(sample(params, labels, jax.random.fold_in(rng, 1))), decode)
+      samples, _ = sample(params, labels, jax.random.fold_in(rng, 1))
+      images = to_images(np.asarray(samples), decode)
       if jax.process_index() == 0:
         _write_npz(_part_path(parts_dir, i), images=images, labels=labels)
     bar.update(min(batch_size, num_samples - i * batch_size))

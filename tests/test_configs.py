@@ -20,9 +20,10 @@ from dit_jax.train.inputs import element_spec_from_config, make_inputs
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGENET_ARGS = [name.removeprefix("DiT-") for name in VARIANTS] + ["XL/2,512", "S/8,512"]
 # (config module, argument); "{folder}" is a temporary image folder of 2 classes.
-CASES = ([("digits", ""), ("digits_scaling", ""), ("tiny", ""), ("folder", "{folder}"),
+CASES = ([("digits", ""), ("digits", "flow"), ("digits_scaling", ""), ("tiny", ""),
+          ("folder", "{folder}"),
           ("folder", "{folder},32,2")]
-         + [("imagenet", arg) for arg in IMAGENET_ARGS])
+         + [("imagenet", arg) for arg in IMAGENET_ARGS + ["XL/2,256,flow"]])
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_config_builds_model_process_and_layout_without_data(name, arg, folder):
   spec = generate.spec_from_config(config)
   assert spec.process == process
   if name == "imagenet":
-    size = int(arg.partition(",")[2] or 256)
+    size = int(arg.split(",")[1] if "," in arg else 256)
     assert (model.input_size, model.in_channels) == (size // 8, 4)
   if model.in_channels == 4:  # as documented: extracted latents, the VAE for the sample grids
     config.latents_dir, config.vae.path = "LATENTS", "SD_VAE"  # names only: nothing is read

@@ -199,8 +199,9 @@ def test_guidance_is_applied_with_and_without_batch_sharding(pixel_model):
   labels = np.array([0, 3, 7, 9], np.int32)
   kwargs = dict(sampler="ddim", num_steps=5, guidance_channels=None, clip_denoised=True)
   plain = make_sample_fn(model, cfg_scale=3.0, **kwargs)(params, labels, jax.random.key(0))
-  sharded = generate._sample_fn(model, generate.SamplingSpec(cfg_scale=3.0, **kwargs), 4)(
+  sharded, nfe = generate._sample_fn(model, generate.SamplingSpec(cfg_scale=3.0, **kwargs), 4)(
       params, labels, jax.random.key(0))
+  assert int(nfe) == 5  # one guided evaluation per step covers the doubled batch
   unguided = make_sample_fn(model, cfg_scale=1.0, **kwargs)(params, labels, jax.random.key(0))
   np.testing.assert_allclose(plain, sharded, rtol=1e-5, atol=1e-6)
   assert not np.allclose(plain, unguided, atol=1e-3)

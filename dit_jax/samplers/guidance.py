@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import samplers
-from dit_jax.diffusion import OFFICIAL_PROCESS, DiffusionProcess
+from dit_jax.diffusion import OFFICIAL_PROCESS, Process
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.models import DiT
+from dit_jax.samplers.loop import SamplerOptions
 
 
 def guide(model: DiT, params: Any, noise: jax.Array, labels: jax.Array, *, cfg_scale: float,
@@ -42,23 +43,28 @@ def guide(model: DiT, params: Any, noise: jax.Array, labels: jax.Array, *, cfg_s
 def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
                    cfg_scale: float = 4.0, guidance_channels: Optional[int] = 3,
                    eta: float = 0.0, clip_denoised: bool = False,
-                   process: Optional[DiffusionProcess] = None, out_sharding: Any = None,
-                   batch_sharding: Any = None) -> Callable[..., jax.Array]:
+                   process: Optional[Process] = None,
+                   options: SamplerOptions = SamplerOptions(), out_sharding: Any = None,
+                   batch_sharding: Any = None, return_nfe: bool = False
+                   ) -> Callable[..., Any]:
   """Returns jitted `sample(params, labels, rng) -> [N, H, W, C]` (the whole loop compiled once).
 
-  labels: [N] class ids; `sampler` a name of `dit_jax.samplers.SAMPLERS`, run for `num_steps`
-  model evaluations. `process` is the diffusion the model was trained with (its checkpoint's;
-  None: the official one, with the model's learn_sigma). `clip_denoised` clips the x0
-  prediction to [-1, 1]: right for pixel-space models, wrong for latents. `batch_sharding`
-  spreads the batch over devices (a NamedSharding of the batch axis); `out_sharding` is where
-  the result goes (replicated: every process can read it).
+  labels: [N] class ids; `sampler` a name of `dit_jax.samplers.SAMPLERS` that samples
+  `process`, run for `num_steps` model evaluations (an adaptive solver chooses its own).
+  `process` is the one the model was trained with (its checkpoint's; None: the official
+  diffusion, with the model's learn_sigma); `options` the flow samplers' settings.
+  `clip_denoised` clips the x0 prediction to [-1, 1]: right for pixel-space models, wrong for
+  latents. `batch_sharding` spreads the batch over devices (a NamedSharding of the batch axis);
+  `out_sharding` is where the result goes (replicated: every process can read it). With
+  `return_nfe`, `sample` returns `(samples, nfe)`: the model evaluations the chain took (an
+  int32 scalar; one guided evaluation covers both halves of the doubled batch).
   """
-  sample_loop = samplers.get(sampler)
   if process is None:
     process = dataclasses.replace(OFFICIAL_PROCESS, learn_sigma=model.learn_sigma)
   if process.learn_sigma != model.learn_sigma:
     raise ValueError(f"process: learn_sigma={process.learn_sigma}, but the model has "
                      f"learn_sigma={model.learn_sigma}")
+  sample_loop = samplers.get(sampler, "sampler", process)
 
   def sample(params, labels, rng):
     noise_rng, loop_rng = jax.random.split(rng)
@@ -70,7 +76,9 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
     if batch_sharding is not None:
       noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
     loop = sample_loop(process, model_fn, noise, loop_rng, num_steps=num_steps,
-                       clip_denoised=clip_denoised, eta=eta, model_kwargs=model_kwargs)
-    return samplers.run(loop)[:n]
+                       clip_denoised=clip_denoised, eta=eta, model_kwargs=model_kwargs,
+                       options=options)
+    samples, nfe = samplers.run_with_nfe(loop)
+    return (samples[:n], nfe) if return_nfe else samples[:n]
 
-  return jax.jit(sample, out_shardings=out_sharding)
+  return jax.jit(sample, out_shardings=(out_sharding, None) if return_nfe else out_sharding)
