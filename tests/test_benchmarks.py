@@ -1,4 +1,5 @@
 """The accelerator benchmark: importable on a bare accelerator image, its table and arguments."""
+import json
 import subprocess
 import sys
 
@@ -78,3 +79,55 @@ def test_hlo_instructions_reads_fusions():
   kinds = {profile_step.kind_of(i) for i in instructions.values()}
   passes = {profile_step.pass_of(i) for i in instructions.values()}
   assert "matmul" in kinds and "backward" in passes and "forward" in passes
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """Convert-format checkpoints of a tiny digits-shaped DiT: one diffusion, one flow."""
+  import jax
+  from dit_jax import checkpoints
+  from dit_jax.diffusion import DiffusionProcess, FlowProcess
+  from dit_jax.models import DiT, init_params
+  root = tmp_path_factory.mktemp("processes")
+  dirs = {}
+  for kind, process in (("diffusion", DiffusionProcess()), ("flow", FlowProcess())):
+    model = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1,
+                num_heads=2, num_classes=10, learn_sigma=process.learn_sigma)
+    params = init_params(model, jax.random.key(0))
+    # adaLN-Zero outputs zeros at init: perturb every weight so the samples depend on them.
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                          params)
+    dirs[kind] = checkpoints.save_params(str(root / kind), params, model, process=process)
+  return dirs
+
+
+def test_process_comparison_grades_times_and_counts_each_row(two_processes, tmp_path):
+  from benchmarks import process_comparison
+  out = tmp_path / "table.json"
+  argv = ["--diffusion", two_processes["diffusion"], "--flow", two_processes["flow"],
+          "--num_samples", "8", "--batch_size", "8", "--out", str(out), "--rows",
+          "diffusion:ddim:3", "flow:ode-heun:5", "flow:sde-euler:4", "flow:ode-dopri5:0"]
+  rows = process_comparison.main(argv)
+  assert [(r["process"], r["sampler"]) for r in rows] == [
+      ("diffusion", "ddim"), ("flow", "ode-heun"), ("flow", "sde-euler"), ("flow", "ode-dopri5")]
+  assert [r["nfe"] for r in rows[:3]] == [3, 5, 4]  # as asked: every sampler counts evaluations
+  assert rows[3]["nfe"] >= 7 and (rows[3]["nfe"] - 1) % 6 == 0  # Dopri5: 1 + 6 per step
+  for r in rows:
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["frechet_distance"] > 0 and r["seconds"] > 0
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == rows and saved["table"].count("\n") == 5
+  with pytest.raises(SystemExit):  # never overwritten
+    process_comparison.main(argv)
+
+
+@pytest.mark.parametrize("rows,message", [
+    (["diffusion:ode-heun:5"], "--rows: 'ode-heun' samples flow processes"),
+    (["flow:ddim"], "--rows: 'flow:ddim' is not PROCESS:SAMPLER:STEPS"),
+])
+def test_process_comparison_refuses_bad_rows_before_sampling(two_processes, rows, message,
+                                                             capsys):
+  from benchmarks import process_comparison
+  with pytest.raises(SystemExit):
+    process_comparison.main(["--diffusion", two_processes["diffusion"], "--flow",
+                             two_processes["flow"], "--rows", *rows])
+  assert message in capsys.readouterr().err
