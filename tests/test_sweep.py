@@ -287,6 +287,20 @@ def test_table_rows_read_the_trainers_files(tmp_path):
   assert saved["points"][0]["final_loss"] == pytest.approx(row["final_loss"])
 
 
+def test_the_markdown_table_formats_each_column():
+  rows = [{"model.patch_size": 1, "params": 723362, "gflops": 0.03278, "train_gflops": 3776.3,
+           "final_loss": 0.11741, "digits_accuracy": 0.588, "digits_frechet_distance": 3.8312,
+           "train_seconds": 350.2},
+          {"model.patch_size": 4, "params": 51168, "gflops": 0.0001395, "train_gflops": 16.07,
+           "final_loss": None, "train_seconds": None}]
+  assert results.markdown_table(rows, ["model.patch_size"]).splitlines() == [
+      "| model.patch_size | params | Gflops | train compute (Gflops) | final loss | "
+      "Fréchet distance | accuracy | time |",
+      "|---|---|---|---|---|---|---|---|",
+      "| 1 | 723,362 | 0.0328 | 3,776 | 0.1174 | 3.83 | 58.8% | 5m50s |",
+      "| 4 | 51,168 | 0.00014 | 16.1 | - | - | - | - |"]
+
+
 def test_the_figure_has_a_row_per_quality_metric():
   rows = [{"status": "finished", "depth": 1, "hidden_size": w, "patch_size": p, "params": w,
            "gflops": g, "train_gflops": 100 * g, "digits_accuracy": a,
@@ -297,6 +311,8 @@ def test_the_figure_has_a_row_per_quality_metric():
   png = plots.figure_png(rows, ["model.hidden_size", "model.patch_size"])
   image = Image.open(io.BytesIO(png))
   assert image.size == (900, 684)  # 10 x (2 metrics x 3.8) inches at 90 dpi
+  with_loss = plots.figure_png([{**r, "final_loss": 0.1} for r in rows], [])
+  assert Image.open(io.BytesIO(with_loss)).size == (900, 1026)  # and a row for the loss
   assert plots.size_label({**rows[1], "optimizer.learning_rate": 0.001},
                           ["model.hidden_size", "optimizer.learning_rate"]) == (
       "depth 1, width 32, learning_rate=0.001")
@@ -345,7 +361,7 @@ def test_a_sweep_of_three_tiny_points_tables_plots_and_skips_them_when_rerun(tmp
   assert rows[0]["params"] < rows[1]["params"] and rows[1]["gflops"] < rows[2]["gflops"]
   table = list(csv.DictReader(io.StringIO((workdir / "results.csv").read_text())))
   assert [float(t["gflops"]) for t in table] == pytest.approx([r["gflops"] for r in rows])
-  assert Image.open(workdir / "scaling.png").size == (900, 684)
+  assert Image.open(workdir / "scaling.png").size == (900, 1026)  # 2 quality rows, the loss
   plan_json = json.loads((workdir / "sweep.json").read_text())
   assert [p["overrides"] for p in plan_json["points"]] == [
       {"model.hidden_size": 16, "model.patch_size": 4},

@@ -3,7 +3,8 @@
 As the DiT paper's figures: one line per model size (depth and width, and any swept value that
 is not the model's), its points the patch sizes (each labelled `/p`), log-scaled x. A row per
 quality metric that the finished points have (FID, the digits Fréchet distance, the digits
-accuracy). Only finished points are drawn. matplotlib with the Agg backend (no display).
+accuracy), and a last row for the final training loss. Only finished points are drawn.
+matplotlib with the Agg backend (no display).
 """
 import io
 from typing import Any, Optional, Sequence
@@ -32,6 +33,8 @@ def figure_png(rows: Sequence[dict[str, Any]], swept: Sequence[str],
   metrics = [m for m in QUALITY if any(r.get(m) is not None for r in done)]
   if not metrics:
     return None
+  if any(r.get("final_loss") is not None for r in done):
+    metrics.append("final_loss")
   lines: dict[str, list[dict[str, Any]]] = {}
   for row in sorted(done, key=lambda r: (r["params"], r["gflops"])):
     lines.setdefault(size_label(row, swept), []).append(row)
@@ -49,7 +52,7 @@ def figure_png(rows: Sequence[dict[str, Any]], swept: Sequence[str],
                       fontsize=8)
       ax.set_xscale("log")
       ax.set_xlabel(x_label)
-      better = "lower" if QUALITY[metric] else "higher"
+      better = "lower" if QUALITY.get(metric, True) else "higher"
       ax.set_ylabel(f"{LABELS[metric]}\n({better} is better)")
       ax.grid(True, which="both", alpha=0.3)
       if i == 0 and j == 0:

@@ -28,7 +28,7 @@ LOSS_TAIL = 0.1  # the final loss averages the rows logged in this last fraction
 # Quality metrics the table and plots know, each with whether lower is better.
 QUALITY = {"fid": True, "digits_frechet_distance": True, "digits_accuracy": False}
 LABELS = {"fid": "FID", "digits_frechet_distance": "Fréchet distance (digits classifier)",
-          "digits_accuracy": "accuracy (digits classifier)"}
+          "digits_accuracy": "accuracy (digits classifier)", "final_loss": "final training loss"}
 
 
 def final_step(point: Point) -> Optional[int]:
@@ -148,7 +148,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     cells = [str(row.get(k)) for k in swept]
-    cells += [f"{row['params']:,}", f"{row['gflops']:.4g}", f"{row['train_gflops']:.3g}",
+    compute = row["train_gflops"]
+    cells += [f"{row['params']:,}", f"{row['gflops']:.3g}",
+              f"{compute:,.0f}" if compute >= 100 else f"{compute:.3g}",
               _fmt(row.get("final_loss"), "{:.4f}")]
     cells += [_fmt(row.get(m), "{:.1%}" if m == "digits_accuracy" else "{:.2f}") for m in quality]
     cells.append(_duration(row.get("train_seconds")))
