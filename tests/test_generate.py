@@ -167,6 +167,58 @@ def test_sample_py_samples_with_the_process_the_model_was_trained_with(tmp_path)
 
 
 @pytest.mark.slow  # an end-to-end run of the program
+def test_sample_py_samples_a_flow_checkpoint_without_a_sampler_flag(tmp_path):
+  """A flow run (gvp path): sample.py, given no --sampler, samples it with the
+  flow's default sampler and the recorded process, redrawing training's grid; the settings
+  matter; a diffusion sampler is refused in one line and writes nothing."""
+  from dit_jax.diffusion import FlowProcess
+  from train_utils import restore_state
+  process = FlowProcess(path="gvp")
+  # Velocity prediction: 3 steps leave a velocity away from adaLN-Zero's zero, but not so far
+  # that every sample saturates (a noise or score prediction would divide by alpha ~ 0 near the
+  # noise end).
+  trained = run_train(tmp_path / "run", process="flow", flow__path="gvp", model__learn_sigma=False,
+                      optimizer__warmup_steps=0, optimizer__learning_rate=0.003, ema_decay=0.0,
+                      sample__every_steps=3, sample__classes="(0,1)", sample__per_class=2,
+                      sample__sampler="ode-heun", sample__num_steps=4, sample__cfg_scale=2.0)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+
+  def sample_py(*flags):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"),
+                           f"--checkpoint={tmp_path / 'run'}", "--cfg_scale=2", "--classes=0,1",
+                           "--per_class=2", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env_with_devices(1))
+  grid = tmp_path / "grid.png"
+  result = sample_py("--num_steps=4", f"--out={grid}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  from_sample_py = np.asarray(Image.open(grid))
+  from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
+  np.testing.assert_array_equal(from_sample_py, from_training)
+
+  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2, learn_sigma=False)
+  params = restore_state(tmp_path / "run")["ema_params"]
+
+  def by_hand(p):
+    spec = generate.SamplingSpec(sampler="ode-heun", num_steps=4, cfg_scale=2.0,
+                                 guidance_channels=None, clip_denoised=True, process=p)
+    return generate.sample_grid(model, params, spec, [0, 1], per_class=2)[1]
+
+  np.testing.assert_array_equal(from_sample_py, by_hand(process))
+  # A velocity model's ODE does not depend on the path (only training does); its prediction
+  # and sampling interval do.
+  for other in (FlowProcess(path="gvp", sample_eps=0.3),
+                FlowProcess(path="gvp", prediction="noise")):
+    assert not np.array_equal(by_hand(other), from_sample_py), other
+
+  refused = sample_py("--sampler=ddpm", f"--out={tmp_path / 'ddpm.png'}")
+  assert refused.returncode == 1 and not (tmp_path / "ddpm.png").exists()
+  assert refused.stderr.strip().splitlines()[-1] == (
+      "error: --sampler: 'ddpm' samples diffusion processes, not this flow (flow matching, gvp "
+      "path, velocity prediction); the flow samplers: ode-euler, ode-heun, ode-dopri5, sde-euler")
+
+
+@pytest.mark.slow  # an end-to-end run of the program
 def test_sample_py_decodes_latents_with_the_vae(tmp_path):
   from conftest import fixture_path
   ckpt = tmp_path / "ckpt"
