@@ -73,7 +73,7 @@ def main(argv):
     model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
   default_sampler, default_steps = samplers.default_for(process)
   sampler = FLAGS.sampler or default_sampler
-  num_steps = FLAGS.num_steps or default_steps
+  num_steps = default_steps if FLAGS.num_steps is None else FLAGS.num_steps
   with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
     samplers.get(sampler, "--sampler", process)
     try:

@@ -119,6 +119,14 @@ def test_sample_checkpoint_errors(tmp_path, checkpoint):
   steps = run(["sample.py", f"--checkpoint={checkpoint}", "--num_steps=1001", f"--out={out}"])
   assert error_line(steps, alone=False) == ("error: --num_steps: 1001 is not in [1, 1000], the "
                                             "steps of the model's process")
+  negative = run(["sample.py", f"--checkpoint={checkpoint}", "--num_steps=0", f"--out={out}"])
+  assert error_line(negative, alone=False) == ("error: --num_steps: 0 is not in [1, 1000], the "
+                                               "steps of the model's process")
+  # The flow samplers' settings, checked whatever the sampler (one line naming the flag).
+  atol = run(["sample.py", f"--checkpoint={checkpoint}", "--atol=-1", f"--out={out}"])
+  assert error_line(atol, alone=False) == "error: --atol: must be a positive number, got -1.0"
+  form = run(["sample.py", f"--checkpoint={checkpoint}", "--diffusion_form=cosine", f"--out={out}"])
+  assert error_line(form, alone=False).startswith("error: --diffusion_form: 'cosine' is not one of")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
   assert not any((tmp_path / "empty").iterdir())
 
