@@ -10,17 +10,14 @@ import logging
 from absl import flags
 
 from dit_jax import cli, logs, samplers
-from dit_jax.samplers.loop import SamplerOptions
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or a `dit_jax.convert` directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("use_ema", True, "Training checkpoints: EMA weights (else the raw ones).")
-flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
-                  "Default: the checkpoint's process's (ddpm for a diffusion, ode-heun for a "
-                  f"flow). {samplers.describe()}")
-flags.DEFINE_integer("num_steps", None, "Model evaluations (default: 250 for ddpm, 50 for "
-                     "ode-heun); diffusion samplers respace the checkpoint's process.")
+flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Default: ddpm for a diffusion, "
+                  f"ode-heun for a flow checkpoint. {samplers.describe()}")
+flags.DEFINE_integer("num_steps", None, "Model evaluations (default: ddpm 250, ode-heun 50).")
 flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale (1: none; 4 for pictures, 1.5 for FID).")
 flags.DEFINE_enum("guidance", "official", ["official", "all"],
                   "official: guide the first 3 channels (upstream quirk); all: every channel.")
@@ -69,23 +66,11 @@ def main(argv):
     if not all(c.isdigit() and int(c) < arch.get("num_classes", 0) for c in classes):
       raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
                           f"[0, {arch.get('num_classes')})")
-    # The process the model was trained with: its samplers, which respace a diffusion.
     model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
-  default_sampler, default_steps = samplers.default_for(process)
-  sampler = FLAGS.sampler or default_sampler
-  num_steps = default_steps if FLAGS.num_steps is None else FLAGS.num_steps
   with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
-    samplers.get(sampler, "--sampler", process)
-    try:
-      options = SamplerOptions(**{name: getattr(FLAGS, name) for name in OPTION_FLAGS
-                                  if getattr(FLAGS, name) is not None})
-    except ValueError as error:  # "options.atol: ..." -> "--atol: ..."
-      raise ValueError(str(error).replace("options.", "--", 1)) from None
-    if process.kind == "diffusion" and not 1 <= num_steps <= process.diffusion_steps:
-      raise ValueError(f"--num_steps: {num_steps} is not in [1, {process.diffusion_steps}], "
-                       "the steps of the model's process")
-    if num_steps < 1:
-      raise ValueError(f"--num_steps: must be positive, got {num_steps}")
+    sampler, num_steps, options = generate.sampler_from_flags(
+        process, FLAGS.sampler, FLAGS.num_steps,
+        {name: getattr(FLAGS, name) for name in OPTION_FLAGS})
   pixel_space = model.in_channels in (1, 3)
   with cli.user_errors(FileNotFoundError, ValueError):  # no such VAE folder, or not a VAE
     decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None

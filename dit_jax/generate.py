@@ -3,7 +3,7 @@ import dataclasses
 import functools
 import io
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -55,6 +55,31 @@ def spec_from_config(config: Any) -> SamplingSpec:
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, seed=config.seed, process=process,
                       options=options)
+
+
+def sampler_from_flags(process: Process, sampler: Optional[str], num_steps: Optional[int],
+                       options: Mapping[str, Any]) -> tuple[str, int, SamplerOptions]:
+  """sample.py's sampler, model evaluations and options for a checkpoint's process.
+
+  None takes the process's default (`samplers.default_for`: ddpm at 250 steps for a diffusion,
+  ode-heun at 50 evaluations for a flow); options set to None keep SiT's defaults. Raises a
+  one-line ValueError naming the flag (`--sampler`, `--num_steps`, `--atol`, ...): a sampler
+  of the other process, steps outside the process, a bad option.
+  """
+  default_sampler, default_steps = samplers.default_for(process)
+  sampler = default_sampler if sampler is None else sampler
+  num_steps = default_steps if num_steps is None else num_steps
+  samplers.get(sampler, "--sampler", process)
+  try:
+    options = SamplerOptions(**{k: v for k, v in options.items() if v is not None})
+  except ValueError as error:  # "options.atol: ..." -> "--atol: ..."
+    raise ValueError(str(error).replace("options.", "--", 1)) from None
+  if process.kind == "diffusion" and not 1 <= num_steps <= process.diffusion_steps:
+    raise ValueError(f"--num_steps: {num_steps} is not in [1, {process.diffusion_steps}], the "
+                     "steps of the model's process")
+  if num_steps < 1:
+    raise ValueError(f"--num_steps: must be positive, got {num_steps}")
+  return sampler, num_steps, options
 
 
 def sample_key(seed: int) -> jax.Array:
