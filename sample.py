@@ -82,13 +82,13 @@ def main(argv):
       clip_denoised=pixel_space if FLAGS.clip_denoised is None else FLAGS.clip_denoised)
   if FLAGS.out:
     classes = [int(c) for c in classes] or list(range(min(10, model.num_classes)))
-    pixels, grid = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
-                                        decode=decode)
+    pixels, grid, nfe = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
+                                             decode=decode, return_nfe=True)
     if jax.process_index() == 0:
       images.save_png(FLAGS.out, grid)
       for i, image in enumerate(pixels if FLAGS.singles_dir else []):
         images.save_png(fs.join(FLAGS.singles_dir, f"{i:05d}.png"), image)
-      logging.info("wrote %s", FLAGS.out)
+      logging.info("wrote %s (%s, %g model evaluations a sample)", FLAGS.out, sampler, nfe)
   if FLAGS.npz:
     generate.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
                           batch_size=FLAGS.batch_size, decode=decode)

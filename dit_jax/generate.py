@@ -183,8 +183,9 @@ def grid_image(pixels: np.ndarray, num_rows: int) -> np.ndarray:
 
 def sample_grid(model: DiT, params: Any, spec: SamplingSpec, classes: Sequence[int],
                 per_class: int = GRID_PER_CLASS, decode: Optional[Callable] = None,
-                mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Samples per_class images of each class; returns (uint8 RGB [N, H, W, 3], grid_image).
+                mesh: Optional[Mesh] = None, return_nfe: bool = False) -> tuple[Any, ...]:
+  """Samples per_class images of each class; returns (uint8 RGB [N, H, W, 3], grid_image),
+  and the model evaluations per chain with `return_nfe`.
 
   Training (`Reporter.sample_grid`) and sample.py both draw their grids here: the same params,
   classes, per_class and spec (seed included) give the same picture.
@@ -192,8 +193,11 @@ def sample_grid(model: DiT, params: Any, spec: SamplingSpec, classes: Sequence[i
   labels = np.repeat(np.asarray(classes, np.int32), per_class)
   if np.any(labels < 0) or np.any(labels >= model.num_classes):
     raise ValueError(f"--classes: class ids must be in [0, {model.num_classes})")
-  pixels = to_images(sample(model, params, spec, labels, sample_key(spec.seed), mesh), decode)
-  return pixels, grid_image(pixels, num_rows=len(classes))
+  samples, nfe = sample(model, params, spec, labels, sample_key(spec.seed), mesh,
+                        return_nfe=True)
+  pixels = to_images(samples, decode)
+  grid = grid_image(pixels, num_rows=len(classes))
+  return (pixels, grid, nfe) if return_nfe else (pixels, grid)
 
 
 def generate_npz(model: DiT, params: Any, spec: SamplingSpec, num_samples: int, out_path: str,

@@ -191,6 +191,7 @@ def test_sample_py_samples_a_flow_checkpoint_without_a_sampler_flag(tmp_path):
   grid = tmp_path / "grid.png"
   result = sample_py("--num_steps=4", f"--out={grid}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"wrote {grid} (ode-heun, 4 model evaluations a sample)" in result.stderr
   from_sample_py = np.asarray(Image.open(grid))
   from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
   np.testing.assert_array_equal(from_sample_py, from_training)
