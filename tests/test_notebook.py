@@ -5,7 +5,8 @@ The executed run trains the digits default for a few steps in two chunks, draws 
 imports the tiny official-format fixture and decodes its latents with the tiny VAE fixture, and
 runs `python -m dit_jax.sweep` on a sweep of one point whose workdir is the run the notebook
 trained: the sweep finds it finished and skips it (training points would add a minute), then
-writes the table and the figure from it, which the last cell loads.
+writes the table and the figure from it, which the sweep cell loads. The train cell then runs
+once more, as a user rerunning it would: nothing is left to train, the run is graded again.
 """
 import ast
 import base64
@@ -15,6 +16,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, fixture_path
+from dit_jax.sweep import results as sweep_results
 
 NOTEBOOK = ROOT / "notebooks" / "dit_jax.ipynb"
 
@@ -41,8 +43,9 @@ import json as _json
 print("SUMMARY " + _json.dumps({
     "repo_dir": REPO_DIR, "cwd": os.getcwd(), "result": result, "grid": list(grid.shape),
     "pixels": list(pixels.shape), "out": list(out.shape), "row": list(row.shape),
-    "nfe": int(nfe), "params": count_params(model), "loss_terms": sorted(terms), "latents": list(latents.shape),
-    "pictures": list(pictures.shape), "jax_cache": sorted(os.listdir(JAX_CACHE_DIR)),
+    "nfe": int(nfe), "params": count_params(model), "loss_terms": sorted(terms),
+    "latents": list(latents.shape), "pictures": list(pictures.shape),
+    "jax_cache": sorted(os.listdir(JAX_CACHE_DIR)),
 }))
 """
 
@@ -122,6 +125,8 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
                             "--image-size 64 --num-classes 10"),
               OFFICIAL_OUT=str(tmp_path / "official"),
               VAE_DIR=str(fixture_path("vae_reference", "tiny_vae")))
+  # Running the train cell again: the run is finished, so it trains nothing and grades again.
+  nb.cells.append(nbformat.v4.new_code_cell(cell(nb, "train").source, id="train-again"))
   nb.cells.append(nbformat.v4.new_code_cell(SUMMARY, id="test-summary"))
   defaults = [ROOT / parameters(load())[name]
               for name in ("WORKDIR", "JAX_CACHE_DIR", "SWEEP_DIR", "OFFICIAL_OUT")]
@@ -147,13 +152,17 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == list(range(log_every, steps + 1, log_every))
   assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
-  [grade_row] = [r for r in rows if "eval/digits_accuracy" in r]
+  [grade_row] = [r for r in rows if "eval/digits_accuracy" in r]  # the second grade replaced it
   assert grade_row["step"] == steps and grade_row["eval/num_samples"] == grade
-  result = summary["result"]
-  assert result["step"] == steps
+  result = summary["result"]  # the second run's: a grade, no training step
+  assert result["step"] == steps and "loss" not in result
   assert result["eval/digits_accuracy"] == grade_row["eval/digits_accuracy"]
   assert f"accuracy {grade_row['eval/digits_accuracy']:.1%}" in outputs_text(train)
   assert (workdir / "checkpoints" / str(steps)).is_dir()
+  again = outputs_text(cell(nb, "train-again")).splitlines()
+  assert again[0].startswith(f"step {steps:5d}: 0 steps in ")
+  assert len(pngs(cell(nb, "train-again"))) == 1
+  assert again[1] == [l for l in outputs_text(train).splitlines() if "classifier" in l][0]
   assert any(name.startswith("jit_train_step") for name in summary["jax_cache"])
 
   # The grid: 10 rows of 8 samples, 8x8 digits magnified 8x, 1 pixel between cells.
@@ -180,7 +189,8 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   # The sweep: run for real on the notebook's finished run, its table and figure loaded.
   sweep = cell(nb, "sweep")
   assert "[1/1] seed=0: finished earlier; skipped" in outputs_text(sweep)
-  [point] = json.loads((sweep_dir / "results.json").read_text())["points"]
+  saved = json.loads((sweep_dir / "results.json").read_text())
+  [point] = saved["points"]
   assert (point["name"], point["status"], point["step"]) == ("seed=0", "finished", steps)
   assert point["workdir"] == str(workdir) and point["params"] == summary["params"]
   assert point["final_loss"] == pytest.approx(train_rows[-1]["train/loss"])  # the last tenth
@@ -188,8 +198,8 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   assert f"{sweep_config}: 1 of 1 points finished" in outputs_text(sweep)
   [table] = [o.data["text/markdown"] for o in sweep.outputs
              if o.output_type == "display_data" and "text/markdown" in o.data]
-  assert table.splitlines()[0].startswith("| seed | params | Gflops |")
-  assert table.splitlines()[2].startswith(f"| 0 | {summary['params']:,} | ")
+  assert table == sweep_results.markdown_table(saved["points"], saved["swept"])
+  assert table.splitlines()[2].startswith(f"| 0 | {summary['params']:,} | ")  # seed 0's row
   assert pngs(sweep) == [(sweep_dir / "scaling.png").read_bytes()]
   # The notebook's default paths in the checkout were left alone (every path was injected).
   assert {path: path.exists() for path in defaults} == existed
