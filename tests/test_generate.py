@@ -1,5 +1,6 @@
 """Sampling: determinism, guidance, resumable chunked generation, the .npz layout, sample.py."""
 import dataclasses
+import pathlib
 import subprocess
 import sys
 
@@ -122,12 +123,29 @@ def test_sample_py_on_a_training_workdir(tmp_path):
   assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
+def grids_of_a_tiny_run(run: pathlib.Path, grid: pathlib.Path, sampler: str):
+  """(sample.py's grid, checked equal to training's grid of step 3; `by_hand(process)`: the
+  grid of the run's EMA weights sampled with `process` in-process, 4 steps, scale 2)."""
+  from train_utils import restore_state
+  from_sample_py = np.asarray(Image.open(grid))
+  from_training = np.asarray(Image.open(run / "samples" / "step_0000003.png"))
+  np.testing.assert_array_equal(from_sample_py, from_training)
+  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2, learn_sigma=False)
+  params = restore_state(run)["ema_params"]
+
+  def by_hand(process):
+    spec = generate.SamplingSpec(sampler=sampler, num_steps=4, cfg_scale=2.0,
+                                 guidance_channels=None, clip_denoised=True, process=process)
+    return generate.sample_grid(model, params, spec, [0, 1], per_class=2)[1]
+  return from_sample_py, by_hand
+
+
 @pytest.mark.slow  # an end-to-end run of the program
 def test_sample_py_samples_with_the_process_the_model_was_trained_with(tmp_path):
   """Every non-default process setting at once: training's grid, sample.py's grid and a grid
   sampled with the process built by hand agree; reverting any one setting changes the grid."""
   from dit_jax.diffusion import DiffusionProcess
-  from train_utils import restore_state
   process = DiffusionProcess(noise_schedule="squaredcos_cap_v2", diffusion_steps=500,
                              learn_sigma=False, sigma_small=True, predict_xstart=True)
   # learn_sigma is the model's setting (model__learn_sigma below); the process derives it.
@@ -146,19 +164,7 @@ def test_sample_py_samples_with_the_process_the_model_was_trained_with(tmp_path)
        f"--out={grid}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
       env=env_with_devices(1))
   assert result.returncode == 0, result.stderr[-3000:]
-  from_sample_py = np.asarray(Image.open(grid))
-  from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
-  np.testing.assert_array_equal(from_sample_py, from_training)
-
-  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
-                       hidden_size=32, num_heads=2, learn_sigma=False)
-  params = restore_state(tmp_path / "run")["ema_params"]
-
-  def by_hand(p):
-    spec = generate.SamplingSpec(sampler="ddpm", num_steps=4, cfg_scale=2.0,
-                                 guidance_channels=None, clip_denoised=True, process=p)
-    return generate.sample_grid(model, params, spec, [0, 1], per_class=2)[1]
-
+  from_sample_py, by_hand = grids_of_a_tiny_run(tmp_path / "run", grid, "ddpm")
   np.testing.assert_array_equal(from_sample_py, by_hand(process))
   default = DiffusionProcess(learn_sigma=False)
   for field in ("noise_schedule", "diffusion_steps", "sigma_small", "predict_xstart"):
@@ -172,7 +178,6 @@ def test_sample_py_samples_a_flow_checkpoint_without_a_sampler_flag(tmp_path):
   flow's default sampler and the recorded process, redrawing training's grid; the settings
   matter; a diffusion sampler is refused in one line and writes nothing."""
   from dit_jax.diffusion import FlowProcess
-  from train_utils import restore_state
   process = FlowProcess(path="gvp")
   # Velocity prediction: 3 steps leave a velocity away from adaLN-Zero's zero, but not so far
   # that every sample saturates (a noise or score prediction would divide by alpha ~ 0 near the
@@ -192,19 +197,7 @@ def test_sample_py_samples_a_flow_checkpoint_without_a_sampler_flag(tmp_path):
   result = sample_py("--num_steps=4", f"--out={grid}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"wrote {grid} (ode-heun, 4 model evaluations a sample)" in result.stderr
-  from_sample_py = np.asarray(Image.open(grid))
-  from_training = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000003.png"))
-  np.testing.assert_array_equal(from_sample_py, from_training)
-
-  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
-                       hidden_size=32, num_heads=2, learn_sigma=False)
-  params = restore_state(tmp_path / "run")["ema_params"]
-
-  def by_hand(p):
-    spec = generate.SamplingSpec(sampler="ode-heun", num_steps=4, cfg_scale=2.0,
-                                 guidance_channels=None, clip_denoised=True, process=p)
-    return generate.sample_grid(model, params, spec, [0, 1], per_class=2)[1]
-
+  from_sample_py, by_hand = grids_of_a_tiny_run(tmp_path / "run", grid, "ode-heun")
   np.testing.assert_array_equal(from_sample_py, by_hand(process))
   # A velocity model's ODE does not depend on the path (only training does); its prediction
   # and sampling interval do.
