@@ -12,12 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import train_utils
 from conftest import fixture_path
-from train_utils import (ROOT, checkpoint_steps, env_with_devices, flat, read_metrics,
-                         restore_state, run_train, train_command)
+from train_utils import ROOT, checkpoint_steps, flat, read_metrics, restore_state, train_command
 
 # Every test here runs train.py end to end in subprocesses.
 pytestmark = pytest.mark.slow
+
+
+def env_with_devices(num_devices: int) -> dict[str, str]:
+  """The subprocesses here share the session's compilation cache: a step compiled once (same
+  shapes, mesh and flags) is loaded by the next run instead of compiled again."""
+  return train_utils.env_with_devices(num_devices, compile_cache=True)
+
+
+def run_train(workdir, num_devices: int = 1, **overrides) -> subprocess.CompletedProcess:
+  return train_utils.run_train(workdir, num_devices, compile_cache=True, **overrides)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -34,17 +44,25 @@ def assert_states_equal(a, b, atol: float = 0.0) -> None:
       np.testing.assert_allclose(fa[key], fb[key], atol=atol, rtol=0, err_msg=key)
 
 
-def test_meshes_give_the_same_parameters_as_one_device(tmp_path):
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory):
+  """The tiny run on one process of 8 devices, data parallel: the workdir that the meshes test
+  and the two-process test both compare with (the mesh the default (-1, 1, 1) makes of 8)."""
+  workdir = tmp_path_factory.mktemp("data8")
+  assert_ok(run_train(workdir, num_devices=8, mesh__axis_sizes="(8,1,1)"))
+  return workdir
+
+
+def test_meshes_give_the_same_parameters_as_one_device(tmp_path, data8):
   assert_ok(run_train(tmp_path / "one", num_devices=1))
-  assert_ok(run_train(tmp_path / "data8", num_devices=8, mesh__axis_sizes="(8,1,1)"))
   assert_ok(run_train(tmp_path / "fsdp", num_devices=8, mesh__axis_sizes="(4,2,1)"))
   one = restore_state(tmp_path / "one")
   assert int(one["step"]) == 3
-  for name in ("data8", "fsdp"):
-    other = restore_state(tmp_path / name)
+  for other_dir in (data8, tmp_path / "fsdp"):
+    other = restore_state(other_dir)
     assert_states_equal(one["params"], other["params"], atol=1e-5)
     assert_states_equal(one["ema_params"], other["ema_params"], atol=1e-5)
-    losses = [m["train/loss"] for m in read_metrics(tmp_path / name)]
+    losses = [m["train/loss"] for m in read_metrics(other_dir)]
     np.testing.assert_allclose(losses, [m["train/loss"] for m in read_metrics(tmp_path / "one")],
                                rtol=1e-5)
 
@@ -82,7 +100,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   # The killed run's lock is taken over, with a warning naming it.
   assert f"workdir: taking over {killed / 'run.lock'} from a run that ended without releasing " \
          f"it (host " in resumed.stderr and f", pid {proc.pid}, started " in resumed.stderr
-  assert_ok(run_train(tmp_path / "straight", num_steps=total))
+  # The uninterrupted run checkpoints only at its end (the killed one saved every 3 steps, up
+  # to hundreds of times before the kill): saving never changes the state or the losses.
+  assert_ok(run_train(tmp_path / "straight", num_steps=total, checkpoint__every_steps=total))
   resumed, straight = restore_state(killed, total), restore_state(tmp_path / "straight", total)
   assert int(resumed["step"]) == total
   assert_states_equal(resumed, straight)  # params, EMA, optimizer state, step: bit for bit
@@ -100,7 +120,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+def test_two_processes_match_one_process_with_eight_devices(tmp_path, data8):
   port = free_port()
   procs = [subprocess.Popen(
       train_command(tmp_path / "multi") + [f"--coordinator_address=127.0.0.1:{port}",
@@ -115,13 +135,12 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
         p.kill()
       raise
     assert proc.returncode == 0, err[-3000:]
-  assert_ok(run_train(tmp_path / "single", num_devices=8))
   multi_losses = [m["train/loss"] for m in read_metrics(tmp_path / "multi")]
-  single_losses = [m["train/loss"] for m in read_metrics(tmp_path / "single")]
+  single_losses = [m["train/loss"] for m in read_metrics(data8)]
   assert len(multi_losses) == 3
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-6)
   assert_states_equal(restore_state(tmp_path / "multi")["params"],
-                      restore_state(tmp_path / "single")["params"], atol=1e-6)
+                      restore_state(data8)["params"], atol=1e-6)
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
@@ -169,6 +188,7 @@ def test_folder_run_end_to_end(tmp_path):
 
 def test_init_from_imported_official_weights(tmp_path):
   import jax
+  from dit_jax import convert
   from dit_jax.convert import save_torch_checkpoint
   from dit_jax.models import create_model, init_params
 
@@ -179,25 +199,26 @@ def test_init_from_imported_official_weights(tmp_path):
   pt = tmp_path / "official.pt"
   save_torch_checkpoint(params, model, str(pt))
   ckpt = tmp_path / "imported"
-  subprocess.run([os.sys.executable, "-m", "dit_jax.convert", "--torch", str(pt), "--model",
-                  "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
-                  "--image-size", "64", "--in-channels", "1", "--num-classes", "10",
-                  "--out", str(ckpt)], check=True, cwd=ROOT, capture_output=True)
+  # The import, called as its command line is (test_convert runs the command itself).
+  convert.main(["--torch", str(pt), "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32",
+                "--num-heads", "2", "--image-size", "64", "--in-channels", "1", "--num-classes",
+                "10", "--out", str(ckpt)])
   workdir = tmp_path / "finetune"
   frozen = dict(optimizer__learning_rate=0.0, optimizer__warmup_steps=0)
   assert_ok(run_train(workdir, num_steps=1, checkpoint__every_steps=1, init_from=str(ckpt),
                       **frozen))
   state = restore_state(workdir)
   assert_states_equal(state["params"], jax.tree.map(np.asarray, params), atol=0.0)
+  # A model of another size is refused (while the checkpoint is there: not for its absence).
+  bad = run_train(tmp_path / "bad", num_steps=1, init_from=str(ckpt), model__hidden_size=64,
+                  model__num_heads=4)
+  assert bad.returncode != 0 and "config.init_from" in bad.stderr
+  assert "the config asks for" in bad.stderr.strip().splitlines()[-1], bad.stderr[-3000:]
   # Resuming reads the workdir's checkpoint, not init_from: it may be gone by then.
   shutil.rmtree(ckpt)
   assert_ok(run_train(workdir, num_steps=2, checkpoint__every_steps=1, init_from=str(ckpt),
                       **frozen))
   assert restore_state(workdir)["step"] == 2
-  # A model of another size is refused.
-  bad = run_train(tmp_path / "bad", num_steps=1, init_from=str(ckpt), model__hidden_size=64,
-                  model__num_heads=4)
-  assert bad.returncode != 0 and "config.init_from" in bad.stderr
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):

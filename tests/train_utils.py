@@ -1,9 +1,12 @@
 """Helpers for the training tests: run train.py in subprocesses and read their checkpoints."""
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -28,18 +31,45 @@ def train_command(workdir: os.PathLike, config: str = "configs/digits.py",
           f"--workdir={workdir}", *flags]
 
 
-def env_with_devices(num_devices: int) -> dict[str, str]:
+# The persistent XLA compilation cache that the subprocesses of one pytest session share (its
+# folder: this variable, inherited by subprocesses that run these helpers themselves).
+_CACHE_ENV = "DIT_TEST_COMPILATION_CACHE"
+
+
+def compilation_cache() -> str:
+  """The session's compilation cache folder, created (and removed at exit) on first use."""
+  if _CACHE_ENV not in os.environ:
+    path = tempfile.mkdtemp(prefix="dit_jax_xla_cache_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ[_CACHE_ENV] = path
+  return os.environ[_CACHE_ENV]
+
+
+def env_with_devices(num_devices: int, compile_cache: bool = False) -> dict[str, str]:
+  """The environment of a subprocess on `num_devices` CPU devices.
+
+  compile_cache: share the session's persistent compilation cache: a program compiled before
+  (the same computation, shapes, shardings, devices and XLA flags: JAX's cache key) is loaded
+  instead of compiled again, and runs the same. Opt-in: an entry is written after each compile,
+  which a process whose writes are limited (ulimit -f, a full disk) may fail, with a warning on
+  stderr; the cache costs only start-up time, never a check.
+  """
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  if compile_cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache()
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs too
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
   return env
 
 
 def run_train(workdir: os.PathLike, num_devices: int = 1, timeout: int = 300,
-              **overrides: Any) -> subprocess.CompletedProcess:
+              compile_cache: bool = False, **overrides: Any) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, **overrides), cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=env_with_devices(num_devices))
+                        text=True, timeout=timeout,
+                        env=env_with_devices(num_devices, compile_cache=compile_cache))
 
 
 def checkpoint_steps(workdir: os.PathLike) -> list[int]:
