@@ -16,8 +16,8 @@ import pytest
 
 from dit_jax import cli
 from dit_jax.train.metrics_log import MetricsLog
-from train_utils import (ROOT, checkpoint_steps, env_with_devices, read_metrics, restore_state,
-                         train_command)
+from train_utils import (ROOT, checkpoint_steps, compilation_cache, env_with_devices,
+                         read_metrics, restore_state, train_command)
 
 FILE_SIZE_BLOCKS = 20  # bash's `ulimit -f` unit, 1024 bytes: metrics.jsonl and the config fit,
 # a checkpoint does not
@@ -29,8 +29,12 @@ def run_with_file_size_limit(workdir: pathlib.Path, **overrides) -> subprocess.C
   # write fails with EFBIG instead of killing the process.
   limited = ["bash", "-c", f"ulimit -f {FILE_SIZE_BLOCKS} && trap '' XFSZ && exec \"$@\"", "_",
              *train_command(workdir, **overrides)]
-  return subprocess.run(limited, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=env_with_devices(1))
+  env = env_with_devices(1, compile_cache=True)
+  # The session's compilation cache, read but never written (JAX writes only the entries that
+  # took longer than this to compile): an entry past the limit would fail to be written, with a
+  # warning on stderr.
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1e9"
+  return subprocess.run(limited, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -80,7 +84,7 @@ def train():
   return subprocess.run(train_command(workdir, num_steps=12, checkpoint__every_steps=2,
                                       checkpoint__keep=1, checkpoint__async_save=True),
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=env_with_devices(1))
+                        env=env_with_devices(1, compile_cache=True))
 full = train()
 kept = checkpoint_steps(workdir)
 kept_state_step = int(restore_state(workdir, max(kept))["step"]) if kept else None
@@ -99,6 +103,9 @@ def test_a_full_disk_stops_the_run_keeps_the_last_checkpoint_and_resumes(tmp_pat
   disk = tmp_path / "disk"
   disk.mkdir()
   script = FULL_DISK_SCENARIO.format(tests=str(ROOT / "tests"), disk=str(disk))
+  # The runs share the session's compilation cache (named in the environment they inherit):
+  # outside the small disk, so the resumed run loads the step the first one compiled.
+  compilation_cache()
   done = subprocess.run(["unshare", "-Urm", sys.executable, "-c", script], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
