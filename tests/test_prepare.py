@@ -76,8 +76,9 @@ def write_fake_imagenet(manual_dir: pathlib.Path) -> dict[str, dict[str, tuple[i
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  # The session's compilation cache: the tiny VAE's encoder at this batch shape is test_train's.
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env_with_devices(1))
+                        timeout=timeout, env=env_with_devices(1, compile_cache=True))
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> str:
