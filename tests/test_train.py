@@ -2,6 +2,7 @@
 a folder run, init_from, and the failure behaviours."""
 import json
 import os
+import pathlib
 import signal
 import socket
 import shutil
@@ -45,20 +46,23 @@ def assert_states_equal(a, b, atol: float = 0.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def data8(tmp_path_factory):
-  """The tiny run on one process of 8 devices, data parallel: the workdir that the meshes test
-  and the two-process test both compare with (the mesh the default (-1, 1, 1) makes of 8)."""
-  workdir = tmp_path_factory.mktemp("data8")
-  assert_ok(run_train(workdir, num_devices=8, mesh__axis_sizes="(8,1,1)"))
-  return workdir
+def eight_devices(tmp_path_factory) -> dict[str, pathlib.Path]:
+  """The tiny run on one process of 8 devices, on a data-parallel mesh (the one the default
+  (-1, 1, 1) makes, which the two-process test compares with) and on a data x fsdp mesh: the
+  two runs one after the other in one process."""
+  root = tmp_path_factory.mktemp("eight_devices")
+  meshes = {"data8": "(8,1,1)", "fsdp": "(4,2,1)"}
+  assert_ok(train_utils.run_trains_in_one_process(
+      [(root / name, dict(mesh__axis_sizes=sizes)) for name, sizes in meshes.items()],
+      num_devices=8, compile_cache=True))
+  return {name: root / name for name in meshes}
 
 
-def test_meshes_give_the_same_parameters_as_one_device(tmp_path, data8):
+def test_meshes_give_the_same_parameters_as_one_device(tmp_path, eight_devices):
   assert_ok(run_train(tmp_path / "one", num_devices=1))
-  assert_ok(run_train(tmp_path / "fsdp", num_devices=8, mesh__axis_sizes="(4,2,1)"))
   one = restore_state(tmp_path / "one")
   assert int(one["step"]) == 3
-  for other_dir in (data8, tmp_path / "fsdp"):
+  for other_dir in eight_devices.values():
     other = restore_state(other_dir)
     assert_states_equal(one["params"], other["params"], atol=1e-5)
     assert_states_equal(one["ema_params"], other["ema_params"], atol=1e-5)
@@ -95,14 +99,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   resume_from = checkpoint_steps(killed)[-1]
   assert resume_from % 3 == 0
   total = resume_from + 3
-  resumed = run_train(killed, num_steps=total)
-  assert_ok(resumed)
+  # The resumed run, then an uninterrupted one to the same step, in one process. The
+  # uninterrupted run checkpoints only at its end (the killed one saved every 3 steps, up to
+  # hundreds of times before the kill): saving never changes the state or the losses.
+  runs = train_utils.run_trains_in_one_process(
+      [(killed, dict(num_steps=total)),
+       (tmp_path / "straight", dict(num_steps=total, checkpoint__every_steps=total))],
+      compile_cache=True)
+  assert_ok(runs)
   # The killed run's lock is taken over, with a warning naming it.
   assert f"workdir: taking over {killed / 'run.lock'} from a run that ended without releasing " \
-         f"it (host " in resumed.stderr and f", pid {proc.pid}, started " in resumed.stderr
-  # The uninterrupted run checkpoints only at its end (the killed one saved every 3 steps, up
-  # to hundreds of times before the kill): saving never changes the state or the losses.
-  assert_ok(run_train(tmp_path / "straight", num_steps=total, checkpoint__every_steps=total))
+         f"it (host " in runs.stderr and f", pid {proc.pid}, started " in runs.stderr
   resumed, straight = restore_state(killed, total), restore_state(tmp_path / "straight", total)
   assert int(resumed["step"]) == total
   assert_states_equal(resumed, straight)  # params, EMA, optimizer state, step: bit for bit
@@ -120,7 +127,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path, data8):
+def test_two_processes_match_one_process_with_eight_devices(tmp_path, eight_devices):
+  data8 = eight_devices["data8"]
   port = free_port()
   procs = [subprocess.Popen(
       train_command(tmp_path / "multi") + [f"--coordinator_address=127.0.0.1:{port}",
@@ -346,12 +354,12 @@ def test_latent_training_from_extracted_latents_and_on_the_fly(tmp_path):
   common = dict(config=f"configs/folder.py:{folder},16,2", model__in_channels=4,
                 model__input_size=8, model__dtype="float32", batch_size=4,
                 sample__every_steps=3, sample__guidance_channels=3, vae__path=vae)
-  stored = run_train(tmp_path / "from_latents", latents_dir=str(latents), **common)
-  assert_ok(stored)
+  # From the stored latents, then encoding on the fly: both runs in one process.
+  assert_ok(train_utils.run_trains_in_one_process(
+      [(tmp_path / "from_latents", dict(latents_dir=str(latents), **common)),
+       (tmp_path / "on_the_fly", common)], compile_cache=True))
   grid = np.asarray(Image.open(tmp_path / "from_latents" / "samples" / "step_0000003.png"))
   assert grid.shape == (2 * (4 * 16 + 1) + 1, 8 * (4 * 16 + 1) + 1, 3)  # decoded 16 px images
-  on_the_fly = run_train(tmp_path / "on_the_fly", **common)
-  assert_ok(on_the_fly)
   assert int(restore_state(tmp_path / "on_the_fly")["step"]) == 3
   losses = [m["train/loss"] for m in read_metrics(tmp_path / "from_latents")]
   assert len(losses) == 3 and all(np.isfinite(losses))

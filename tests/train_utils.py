@@ -72,6 +72,40 @@ def run_train(workdir: os.PathLike, num_devices: int = 1, timeout: int = 300,
                         env=env_with_devices(num_devices, compile_cache=compile_cache))
 
 
+# Several runs, one after the other, in one process (Python, TensorFlow and JAX start once), each
+# as train.py makes it: its flags parsed into the config (ml_collections), then the loop.
+_RUNS_SCRIPT = """
+import json, sys
+from absl import flags, logging as absl_logging
+from ml_collections import config_flags
+# train.py's log lines, as absl's app.run sets them up: its handler, its flags parsed, INFO.
+absl_logging.use_absl_handler()
+flags.FLAGS(["train.py"])
+flags.FLAGS.verbosity = 0
+from dit_jax import logs
+logs.setup(tensorflow=True)
+from dit_jax.train.loop import train_and_evaluate
+for argv in json.loads(sys.argv[1]):
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=["train.py", *argv])
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  values(["train.py", *argv])
+  train_and_evaluate(values.config, values.workdir)
+"""
+
+
+def run_trains_in_one_process(runs: list[tuple[os.PathLike, dict[str, Any]]],
+                              num_devices: int = 1, timeout: int = 300,
+                              compile_cache: bool = False) -> subprocess.CompletedProcess:
+  """The training runs `(workdir, overrides of run_train)`, in order, in one subprocess: for the
+  tests where what is compared is the runs' results, not train.py's start-up or exit."""
+  argvs = [train_command(workdir, **overrides)[2:] for workdir, overrides in runs]
+  return subprocess.run([sys.executable, "-c", _RUNS_SCRIPT, json.dumps(argvs)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env_with_devices(num_devices, compile_cache=compile_cache))
+
+
 def checkpoint_steps(workdir: os.PathLike) -> list[int]:
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.exists():
