@@ -1,5 +1,7 @@
 """train.py end to end in subprocesses: meshes, resume after SIGKILL, two processes, SIGTERM,
-a folder run, init_from, and the failure behaviours."""
+a folder run, init_from, and the failure behaviours. Runs compared only by their results may
+share one subprocess (train_utils.run_trains_in_one_process), and every subprocess here shares
+the session's compilation cache."""
 import json
 import os
 import pathlib
