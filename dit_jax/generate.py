@@ -47,10 +47,7 @@ def spec_from_config(config: Any) -> SamplingSpec:
   cfg = config.sample
   process = process_from_config(config)
   samplers.get(cfg.sampler, "config.sample.sampler", process)
-  try:
-    options = SamplerOptions(**cfg.options)
-  except ValueError as error:
-    raise ValueError(f"config.sample.{error}") from None  # "options.atol: ..."
+  options = SamplerOptions.from_settings(cfg.options, "config.sample.options.")
   return SamplingSpec(sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale,
                       guidance_channels=cfg.guidance_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, seed=config.seed, process=process,
@@ -70,10 +67,7 @@ def sampler_from_flags(process: Process, sampler: Optional[str], num_steps: Opti
   sampler = default_sampler if sampler is None else sampler
   num_steps = default_steps if num_steps is None else num_steps
   samplers.get(sampler, "--sampler", process)
-  try:
-    options = SamplerOptions(**{k: v for k, v in options.items() if v is not None})
-  except ValueError as error:  # "options.atol: ..." -> "--atol: ..."
-    raise ValueError(str(error).replace("options.", "--", 1)) from None
+  options = SamplerOptions.from_settings(options, "--")
   if process.kind == "diffusion" and not 1 <= num_steps <= process.diffusion_steps:
     raise ValueError(f"--num_steps: {num_steps} is not in [1, {process.diffusion_steps}], the "
                      "steps of the model's process")

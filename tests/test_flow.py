@@ -154,3 +154,18 @@ def test_config_switches_the_process():
   config.process = "ode"
   with pytest.raises(ValueError, match=r"^config.process: 'ode' is not one of diffusion, flow$"):
     process_from_config(config)
+
+
+def test_bad_sampler_options_name_their_key():
+  """config.sample.options and sample.py's flags share one check, each naming its own key."""
+  from dit_jax import generate
+  config = digits.get_config("flow")
+  config.sample.options.atol = -1.0
+  with pytest.raises(ValueError, match=r"^config\.sample\.options\.atol: must be a positive "
+                     r"number, got -1\.0$"):
+    generate.spec_from_config(config)
+  with pytest.raises(ValueError, match=r"^--last_step: 'end' is not one of mean, tweedie, "
+                     r"euler, none$"):
+    generate.sampler_from_flags(FlowProcess(), None, None, {"last_step": "end", "atol": None})
+  assert generate.sampler_from_flags(FlowProcess(), None, None, {"atol": None})[:2] == (
+      "ode-heun", 50)

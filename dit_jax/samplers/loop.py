@@ -97,6 +97,16 @@ class SamplerOptions:
   last_step: str = "mean"
   last_step_size: float = 0.04  # sde-euler: SiT's, the stride of 250 steps over [0, 1]
 
+  @classmethod
+  def from_settings(cls, settings: Mapping[str, Any],
+                    prefix: str = "options.") -> "SamplerOptions":
+    """From `config.sample.options` or flags (None: the default); a bad value is a one-line
+    ValueError naming the field as `prefix + field` (`config.sample.options.atol`, `--atol`)."""
+    try:
+      return cls(**{k: v for k, v in settings.items() if v is not None})
+    except ValueError as error:  # "options.atol: ..."
+      raise ValueError(prefix + str(error).removeprefix("options.")) from None
+
   def __post_init__(self):
     for field, valid, what in (
         ("atol", _is_number(self.atol) and self.atol > 0, "a positive number"),
