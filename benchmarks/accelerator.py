@@ -43,8 +43,12 @@ def child(args: argparse.Namespace) -> None:
   from dit_jax.samplers.guidance import make_sample_fn
 
   remat = None if args.remat == "none" else args.remat
+  if args.patch:
+    from benchmarks.step_variants import apply_patch
+    apply_patch(args.patch)
   try:
-    result = measure(args.variant, args.batch, args.dtype, args.steps, remat, args.attention)
+    result = measure(args.variant, args.batch, args.dtype, args.steps, remat, args.attention,
+                     scan_blocks=args.blocks == "scanned")
   except Exception as e:  # noqa: BLE001 - out of memory is an answer, anything else a bug
     if any(marker in str(e) for marker in OOM_MARKERS):
       print(f"out of memory: {str(e).splitlines()[0][:200]}", file=sys.stderr)
@@ -53,7 +57,7 @@ def child(args: argparse.Namespace) -> None:
   jax.clear_caches()
   if args.sample_batch:
     model = create_model(args.variant, input_size=32, num_classes=1000,
-                         dtype=jnp.dtype(args.dtype), scan_blocks=True,
+                         dtype=jnp.dtype(args.dtype), scan_blocks=args.blocks == "scanned",
                          attention_impl=args.attention)
     params = init_params(model, jax.random.key(0))
     sample = make_sample_fn(model, sampler="ddim", num_steps=50, cfg_scale=4.0)
@@ -68,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
     result["sample_img_s"] = 2 * args.sample_batch / (time.perf_counter() - start)
     result["sample_batch"] = args.sample_batch
   result.update(variant=args.variant, batch=args.batch, remat=args.remat, dtype=args.dtype,
-                attention=args.attention, device=jax.devices()[0].device_kind,
+                attention=args.attention, blocks=args.blocks, device=jax.devices()[0].device_kind,
                 device_count=jax.device_count(), jax=jax.__version__)
   print("RESULT " + json.dumps(result), flush=True)
 
@@ -77,7 +81,7 @@ def attempt(variant: str, batch: int, remat: str, args: argparse.Namespace,
             attention: str | None) -> tuple[int, dict | None, str]:
   cmd = [sys.executable, "-m", "benchmarks.accelerator", "--child", "--variant", variant,
          "--batch", str(batch), "--remat", remat, "--dtype", args.dtype, "--steps",
-         str(args.steps), "--sample_batch", str(args.sample_batch)]
+         str(args.steps), "--sample_batch", str(args.sample_batch), "--blocks", args.blocks]
   if attention:
     cmd += ["--attention", attention]
   # JAX takes 75% of GPU memory by default; let the attempt use (nearly) all of it.
@@ -136,6 +140,9 @@ def main() -> None:
   parser.add_argument("--variant", help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+  parser.add_argument("--blocks", default="unrolled", choices=["scanned", "unrolled"],
+                      help="the blocks unrolled (fastest on an H100) or under nn.scan")
+  parser.add_argument("--patch", default="", help=argparse.SUPPRESS)  # step_variants.PATCHES
   args = parser.parse_args()
   if args.child:
     child(args)
@@ -153,7 +160,8 @@ def main() -> None:
 def format_table(rows: list[dict]) -> str:
   ok = [r for r in rows if "error" not in r]
   head = (f"device: {ok[0]['device_count']} x {ok[0]['device']}, {ok[0]['dtype']}, jax "
-          f"{ok[0]['jax']}, 256 px (32x32x4 latents), scanned blocks\n" if ok else "")
+          f"{ok[0]['jax']}, 256 px (32x32x4 latents), {ok[0].get('blocks', 'scanned')} "
+          "blocks\n" if ok else "")
   lines = [head + "| model | batch | remat | attention | img/s | MFU | peak GiB | compile s | "
            "sampling img/s (DDIM-50, cfg 4) |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -98,13 +98,33 @@ def pass_of(info: dict[str, str]) -> str:
 
 
 def read_trace(trace_dir: pathlib.Path) -> list[dict]:
-  """Complete ('X') events of the newest perfetto trace under `trace_dir`."""
+  """Complete ('X') events of the newest perfetto trace under `trace_dir`; each event's
+  `device` says whether its process is a device's (a GPU's streams and XLA ops) or the host's."""
   files = sorted(trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz"))
   if not files:
     raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}")
   data = json.load(gzip.open(files[-1]))
   events = data["traceEvents"] if isinstance(data, dict) else data
-  return [e for e in events if e.get("ph") == "X"]
+  device_pids = {e.get("pid") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and "/device:" in str(e.get("args", {}).get("name", ""))}
+  return [{**e, "device": e.get("pid") in device_pids} for e in events if e.get("ph") == "X"]
+
+
+def _hlo_names(event_name: str) -> tuple[str, ...]:
+  """An event's possible HLO instruction names: the name itself (CPU), `%name = ...`, or a
+  GPU kernel's name, where `fusion.3`'s kernel is `fusion_3`."""
+  name = event_name.lstrip("%").split(" ")[0]
+  head, _, tail = name.rpartition("_")
+  return (name, f"{head}.{tail}") if tail.isdigit() else (name,)
+
+
+# GPU kernels that are no HLO instruction of their own (library calls inside a command buffer):
+# their kind from the kernel's name.
+_LIBRARY_KERNELS = (("sdpa", "attention (cuDNN kernel)"), ("flash", "attention (cuDNN kernel)"),
+                    ("nvjet", "matmul"), ("gemm", "matmul"), ("xmma", "matmul"),
+                    ("cutlass", "matmul"), ("memcpy", "copy / transpose"),
+                    ("memset", "broadcast (fill)"))
 
 
 def summarize(events: list[dict], instructions: dict[str, dict[str, str]], steps: int,
@@ -113,14 +133,23 @@ def summarize(events: list[dict], instructions: dict[str, dict[str, str]], steps
   by_kind: collections.Counter = collections.Counter()
   by_op: collections.Counter = collections.Counter()
   calls: collections.Counter = collections.Counter()
+  kernels: collections.Counter = collections.Counter()  # device events that are no HLO op
   for event in events:
-    info = instructions.get(event["name"])
-    if info is None or info["opcode"] in ("while", "call", "conditional"):
-      continue  # not an XLA op of the step (or a loop whose body's ops are counted)
+    name = next((n for n in _hlo_names(event["name"]) if n in instructions), None)
+    info = instructions.get(name) if name else None
+    if info is None:
+      if event.get("device"):
+        kind = next((k for key, k in _LIBRARY_KERNELS if key in event["name"].lower()), None)
+        if kind:
+          by_kind[(kind, "library kernel")] += event["dur"] / 1e3 / steps
+        kernels[event["name"][:90]] += event["dur"] / 1e3 / steps
+      continue  # not an XLA op of the step
+    if info["opcode"] in ("while", "call", "conditional"):
+      continue  # a loop whose body's ops are counted
     by_kind[(kind_of(info), pass_of(info))] += event["dur"] / 1e3 / steps
-    by_op[event["name"]] += event["dur"] / 1e3 / steps
-    calls[event["name"]] += 1
-  total = sum(by_kind.values())
+    by_op[name] += event["dur"] / 1e3 / steps
+    calls[name] += 1
+  total = sum(by_kind.values()) or float("nan")
   lines = [f"wall time per step: {wall_s * 1e3:.0f} ms; op time per step (all threads): "
            f"{total:.0f} ms", "", "| kind | pass | ms / step | share |", "|---|---|---|---|"]
   for (kind, pas), ms in by_kind.most_common():
@@ -131,14 +160,19 @@ def summarize(events: list[dict], instructions: dict[str, dict[str, str]], steps
     info = instructions[name]
     lines.append(f"| {name} | {kind_of(info)} | {pass_of(info)} | {info['shape']} | "
                  f"{calls[name] / steps:g} | {ms:.1f} |")
+  if kernels:  # on a GPU: library kernels, by name
+    lines += ["", f"| top {top} device kernels that are not HLO ops | ms / step |",
+              "|---|---|"]
+    lines += [f"| `{name}` | {ms:.1f} |" for name, ms in kernels.most_common(top)]
   return "\n".join(lines)
 
 
 def profile(variant: str, batch: int, dtype: str, scan_blocks: bool, warmup: int, steps: int,
-            out: pathlib.Path, top: int, remat: str | None = None, input_size: int = 32) -> str:
+            out: pathlib.Path, top: int, remat: str | None = None, input_size: int = 32,
+            attention: str | None = None) -> str:
   blocks = "scanned" if scan_blocks else "unrolled"
-  _, step, state, batch_arrays = build_step(variant, batch, dtype, remat, None, scan_blocks,
-                                            input_size)
+  _, step, state, batch_arrays = build_step(variant, batch, dtype, remat, attention,
+                                            scan_blocks, input_size)
   rng = jax.random.key(1)
   compiled = step.lower(state, batch_arrays, rng, None).compile()
   out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +199,7 @@ def main() -> None:
   parser.add_argument("--blocks", nargs="+", default=["scanned", "unrolled"],
                       choices=["scanned", "unrolled"])
   parser.add_argument("--remat", default=None, help="jax.checkpoint_policies name")
+  parser.add_argument("--attention", default=None, help="None | xla | cudnn (GPUs)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=15)
@@ -173,7 +208,8 @@ def main() -> None:
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
   for blocks in args.blocks:
     print(profile(args.variant, args.batch, args.dtype, blocks == "scanned", args.warmup,
-                  args.steps, pathlib.Path(args.out), args.top, args.remat), flush=True)
+                  args.steps, pathlib.Path(args.out), args.top, args.remat,
+                  attention=args.attention), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.meta_path.insert(0, Block())
 """
 BLOCKER = BLOCK_TF_STACK + """
 import benchmarks.accelerator, benchmarks.train_throughput, benchmarks.sampling_speed
-import benchmarks.profile_step
+import benchmarks.profile_step, benchmarks.step_variants
 from benchmarks.train_throughput import measure
 print("ok")
 """
@@ -79,6 +79,70 @@ def test_hlo_instructions_reads_fusions():
   kinds = {profile_step.kind_of(i) for i in instructions.values()}
   passes = {profile_step.pass_of(i) for i in instructions.values()}
   assert "matmul" in kinds and "backward" in passes and "forward" in passes
+
+
+def test_profile_summary_reads_gpu_kernel_names():
+  """A GPU trace names a fusion's kernel `fusion_3` for the HLO's `fusion.3`; library kernels
+  (cuBLAS, cuDNN, copies) are no HLO instruction and are grouped by their names."""
+  from benchmarks import profile_step
+  instructions = {"loop_add_fusion.3": {"shape": "bf16[8,4]", "opcode": "fusion",
+                                        "op_name": "jit(f)/jvp(DiT)/add", "fused": "add",
+                                        "calls": "", "computation": "main"}}
+  events = [{"name": "loop_add_fusion_3", "dur": 2000.0, "device": True},
+            {"name": "nvjet_sm90_tst_128x160_NNT", "dur": 6000.0, "device": True},
+            {"name": "cudnn_generated_sdpa_sm90_flash_fprop", "dur": 1000.0, "device": True},
+            {"name": "memcpy128", "dur": 1000.0, "device": True},
+            {"name": "PjitFunction(train_step)", "dur": 9e6, "device": False}]
+  report = profile_step.summarize(events, instructions, steps=2, wall_s=0.01, top=5)
+  rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3])
+          for line in report.splitlines() if line.startswith("| ")}
+  assert ("elementwise", "forward", "1.0") in rows, report
+  assert ("matmul", "library kernel", "3.0") in rows, report
+  assert ("attention (cuDNN kernel)", "library kernel", "0.5") in rows, report
+  assert ("copy / transpose", "library kernel", "0.5") in rows, report
+  assert "op time per step (all threads): 5 ms" in report  # the host's event is no op
+  assert "| `nvjet_sm90_tst_128x160_NNT` | 3.0 |" in report
+
+
+def test_step_variants_patches_compute_the_same_model():
+  """The what-if patches change how the step computes, not what: same params, same outputs."""
+  script = """
+import jax, jax.numpy as jnp
+from benchmarks import step_variants
+from dit_jax.models import create_model, init_params
+model = create_model("S/8", input_size=16, num_classes=10)
+params = init_params(model, jax.random.key(0))
+params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
+x = jax.random.normal(jax.random.key(2), (2, 16, 16, 4))
+t, y = jnp.array([3.0, 700.0]), jnp.array([1, 2])
+before = model.apply({"params": params}, x, t, y)
+step_variants.apply_patch("ln_one_pass,split_qkv")
+patched = init_params(model, jax.random.key(0))
+assert jax.tree.map(jnp.shape, patched) == jax.tree.map(jnp.shape, params)
+after = model.apply({"params": params}, x, t, y)
+print(float(jnp.abs(after - before).max() / jnp.abs(before).max()))
+"""
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(result.stdout.strip()) < 1e-5
+  from benchmarks import step_variants
+  with pytest.raises(SystemExit, match="unknown 'nope'"):
+    step_variants.apply_patch("nope")
+
+
+def test_step_variants_table_is_relative_to_base():
+  from benchmarks import step_variants
+  rows = [{"setting": "base", "batch": 64, "images_per_sec": 350.0, "mfu": 0.25,
+           "peak_gib": 53.2, "compile_s": 11.0},
+          {"setting": "unrolled, 128", "batch": 128, "images_per_sec": 568.4, "mfu": 0.409,
+           "peak_gib": 55.0, "compile_s": 36.7},
+          {"setting": "x", "error": "over 90 s"}]
+  lines = step_variants.format_table(rows).splitlines()
+  assert "| unrolled, 128 | 128 | 568.4 | 1.62x | 40.9% | 55.0 | 36.7 |" in lines
+  assert lines[-1] == "| x | over 90 s ||||||"
+  names = [s.name for s in step_variants.SETTINGS]
+  assert names[0] == "base" and len(set(names)) == len(names)
 
 
 @pytest.fixture(scope="module")
