@@ -19,12 +19,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  logs.setup(tensorflow=True)  # first: before TensorFlow or JAX log anything
+  logs.setup()  # first: before JAX (or TensorFlow, where a tfds dataset needs it) logs anything
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
-  cli.start_distributed(tensorflow=True)
+  cli.start_distributed()
 
   from dit_jax.train.loop import train_and_evaluate
   with cli.user_errors(FloatingPointError):  # a diverged run: one line naming the step

@@ -113,8 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.async_save = True  # write in the background while training goes on.
 
   config.log_every_steps = 100  # console line, metrics.jsonl and TensorBoard scalars.
-  # TensorBoard event files in the workdir. TensorFlow writes them, on gs:// through its own
-  # GCS client (which no emulator can stand in for: the gs:// tests turn this off).
+  # TensorBoard event files in the workdir (scalars, sample grids, the config), written without
+  # TensorFlow by dit_jax/train/tensorboard_writer.py, through dit_jax.fs like every other file.
   config.tensorboard = True
   # (first step, number of steps) to trace with jax.profiler into WORKDIR/profile (TensorBoard's
   # profile plugin; perfetto_trace.json.gz), steps numbered as in metrics.jsonl, e.g.

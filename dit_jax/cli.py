@@ -149,11 +149,11 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
-def start_distributed(tensorflow: bool = True) -> None:
+def start_distributed() -> None:
   """Starts this process: JAX's distributed runtime from `define_distributed_flags`' flags, or
-  from the environment with DIT_DISTRIBUTED=auto (TPU pods, SLURM); hides the accelerators from
-  TensorFlow (tfds, TensorBoard), which must never take their memory, when `tensorflow` may be
-  imported; logs the process and its devices. Call after absl parsed the flags (XLA_FLAGS)."""
+  from the environment with DIT_DISTRIBUTED=auto (TPU pods, SLURM); logs the process and its
+  devices. Call after absl parsed the flags (XLA_FLAGS). TensorFlow is not imported here: the
+  code that needs it imports it with the accelerators hidden (`logs.import_tensorflow`)."""
   import logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -163,12 +163,6 @@ def start_distributed(tensorflow: bool = True) -> None:
                                flag_values.process_id)
   elif os.environ.get("DIT_DISTRIBUTED") == "auto":
     jax.distributed.initialize()
-  if tensorflow:
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], "GPU")
-    except ImportError:
-      pass
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
 

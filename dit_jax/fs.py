@@ -11,18 +11,23 @@ turns one into an `epath.Path`. The guarantees, on both:
     object is read and written back whole (fine for logs of a few MB).
   - A refused write (a full disk, a quota) raises OSError naming the file.
 With TensorFlow installed, epath reaches `gs://` through TensorFlow's GCS client, else through
-gcsfs; `EPATH_USE_TF=false` picks gcsfs (the tests do, to reach a local emulator).
+gcsfs; `EPATH_USE_TF=false` picks gcsfs (the tests do, to reach a local emulator). TensorFlow is
+then imported at the first URL, by `logs.import_tensorflow` (quietly, off the GPUs), before epath
+would import it itself; local paths never import it.
 """
 import concurrent.futures
 import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Optional, Sequence, Union
 
 from etils import epath
+
+from dit_jax import logs
 
 PathLike = Union[str, os.PathLike]
 
@@ -58,7 +63,15 @@ def absolute(name: PathLike) -> str:
 
 
 def path(name: PathLike) -> epath.Path:
+  """`name` as an `epath.Path`, for reading or writing it (see the module docstring)."""
+  if not is_local(name) and "tensorflow" not in sys.modules and _epath_uses_tensorflow():
+    logs.import_tensorflow()
   return epath.Path(name)
+
+
+def _epath_uses_tensorflow() -> bool:
+  """Whether epath reaches URLs through TensorFlow when it is installed (its EPATH_USE_TF)."""
+  return os.environ.get("EPATH_USE_TF", "").lower() not in ("false", "no", "f", "0")
 
 
 def join(name: PathLike, *parts: str) -> str:
@@ -67,37 +80,37 @@ def join(name: PathLike, *parts: str) -> str:
 
 
 def exists(name: PathLike) -> bool:
-  return epath.Path(name).exists()
+  return path(name).exists()
 
 
 def is_dir(name: PathLike) -> bool:
-  return epath.Path(name).is_dir()
+  return path(name).is_dir()
 
 
 def listdir(name: PathLike) -> list[str]:
   """The names in folder `name`, sorted."""
-  return sorted(p.name for p in epath.Path(name).iterdir())
+  return sorted(p.name for p in path(name).iterdir())
 
 
 def makedirs(name: PathLike) -> None:
-  epath.Path(name).mkdir(parents=True, exist_ok=True)
+  path(name).mkdir(parents=True, exist_ok=True)
 
 
 def remove_tree(name: PathLike) -> None:
-  epath.Path(name).rmtree()
+  path(name).rmtree()
 
 
 def rename(source: PathLike, target: PathLike) -> None:
   """Moves a file or a folder (on Cloud Storage: a copy of each object, then its deletion)."""
-  epath.Path(source).rename(epath.Path(target))
+  path(source).rename(path(target))
 
 
 def read_bytes(name: PathLike) -> bytes:
-  return epath.Path(name).read_bytes()
+  return path(name).read_bytes()
 
 
 def read_text(name: PathLike) -> str:
-  return epath.Path(name).read_text()
+  return path(name).read_text()
 
 
 def _named(error: OSError, name: PathLike) -> OSError:
@@ -116,7 +129,7 @@ def write_bytes(name: PathLike, data: bytes, overwrite: bool = True) -> None:
     exactly one wins; on Cloud Storage checked just before the upload).
   """
   if not is_local(name):
-    target = epath.Path(name)
+    target = path(name)
     if not overwrite and target.exists():
       raise FileExistsError(f"refusing to overwrite existing file {name}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +168,7 @@ def write_text(name: PathLike, text: str, overwrite: bool = True) -> None:
 def append_text(name: PathLike, text: str) -> None:
   """Adds `text` at the end of file `name` (created if missing)."""
   if not is_local(name):
-    target = epath.Path(name)
+    target = path(name)
     old = target.read_bytes() if target.exists() else b""
     target.write_bytes(old + text.encode())
     return
@@ -168,12 +181,12 @@ def append_text(name: PathLike, text: str) -> None:
 
 def size(name: PathLike) -> int:
   """The size of file `name` in bytes."""
-  return int(epath.Path(name).stat().length)
+  return int(path(name).stat().length)
 
 
 def remove(name: PathLike) -> None:
   """Deletes file `name`."""
-  epath.Path(name).unlink()
+  path(name).unlink()
 
 
 def remove_empty_dir(name: PathLike) -> None:

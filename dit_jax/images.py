@@ -91,6 +91,28 @@ def make_grid(images: np.ndarray, rows: int, pad: int = 1, upscale: int = 1, *,
   return grid
 
 
+def encode_png(image: np.ndarray) -> bytes:
+  """A uint8 image as PNG bytes (what `save_png` writes and TensorBoard shows).
+
+  Args:
+    image: uint8 `[height, width, channels]` with channels 1, 3 or 4, or `[height, width]`.
+
+  Raises:
+    ValueError: on a wrong dtype or shape.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"image must be uint8 (see to_uint8), got dtype {image.dtype}")
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]  # PIL stores one channel as mode "L".
+  if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+    raise ValueError(f"image must be [height, width, channels] with 1, 3 or 4 channels, "
+                     f"got shape {image.shape}")
+  encoded = io.BytesIO()
+  Image.fromarray(image).save(encoded, format="PNG")
+  return encoded.getvalue()
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
   """Writes a uint8 image as PNG without ever replacing an existing file (`fs.write_bytes`: a
   local path or a `gs://` URL; never half a file under the name).
@@ -107,17 +129,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
     ValueError: on a wrong dtype or shape.
   """
   path = os.fspath(path)
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"image must be uint8 (see to_uint8), got dtype {image.dtype}")
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]  # PIL stores one channel as mode "L".
-  if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
-    raise ValueError(f"image must be [height, width, channels] with 1, 3 or 4 channels, "
-                     f"got shape {image.shape}")
+  encoded = encode_png(image)
   if fs.exists(path):
     raise FileExistsError(f"refusing to overwrite existing file {path}")
-  encoded = io.BytesIO()
-  Image.fromarray(image).save(encoded, format="PNG")
-  fs.write_bytes(path, encoded.getvalue(), overwrite=False)
+  fs.write_bytes(path, encoded, overwrite=False)
   return path

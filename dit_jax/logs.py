@@ -8,7 +8,7 @@ The entry points call `setup()` first thing in `main()`. What it cuts, each at i
 - TensorFlow's C++ INFO: `TF_CPP_MIN_LOG_LEVEL=1` keeps its warnings and errors. TensorFlow
   2.21 ignores it for what it logs while loading (the oneDNN notice, twice, each after absl's
   "before absl::InitializeLog()" notice: abseil logs everything until initialized, see
-  tensorflow/tensorflow#100442), so `setup(tensorflow=True)` imports TensorFlow itself and drops
+  tensorflow/tensorflow#100442), so `import_tensorflow()` imports TensorFlow itself and drops
   exactly those INFO lines of the import, passing anything else through.
 - the tracebacks of abandoned orbax reads: when a restore fails (a damaged checkpoint), the
   reads still in flight complete on the event loop orbax has closed ("RuntimeError: Event loop
@@ -19,6 +19,12 @@ The entry points call `setup()` first thing in `main()`. What it cuts, each at i
   the run, which reports it in one line.
 Our modules log with the standard `logging` (the root logger, which absl's handler prints), so
 their INFO lines stay. `--verbosity=1` (absl's flag; debug) leaves every library as it was.
+
+TensorFlow is imported only by the code that needs it, through `import_tensorflow()`: tfds
+(`dit_jax.data.tfds_source`, `dit_jax.data.prepare`) and `gs://` paths while TensorFlow is
+installed (`dit_jax.fs`: epath reaches Cloud Storage through TensorFlow's client). Training on
+digits or an image folder, sampling and the TensorBoard events (`dit_jax.train.tensorboard_writer`)
+never import it: its import costs a process about 5 s of CPU.
 """
 import importlib.util
 import logging
@@ -26,6 +32,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable, Optional
 
@@ -37,6 +44,8 @@ LIBRARY_LOGGERS = ("absl", "jax", "tensorflow", "fsspec", "gcsfs", "google")
 _CPP_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] ")
 _ABSL_PREINIT = ("WARNING: All log messages before absl::InitializeLog() is called are written "
                  "to STDERR")
+# One import of TensorFlow at a time: each redirects the process's stderr while it runs.
+_TENSORFLOW_IMPORT = threading.Lock()
 
 
 def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
@@ -45,14 +54,20 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
   Args:
     verbose: keep the libraries' INFO lines too. Default: whether absl's `--verbosity` was
       raised to debug (>= 1).
-    tensorflow: import TensorFlow now (if installed) without its load-time INFO lines; for
-      programs that import it anyway (clu's TensorBoard writer, tfds).
+    tensorflow: also import TensorFlow now (`import_tensorflow`), for a program that uses it
+      from the start (`dit_jax.data.prepare`: tfds builds datasets with it). The others leave
+      it to the code that needs it.
   """
   if verbose is None:
-    from absl import flags
-    verbose = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
-  if verbose:
-    return
+    verbose = _verbosity_raised()
+  if not verbose:
+    _quiet_libraries()
+  if tensorflow:
+    import_tensorflow(verbose)
+
+
+def _quiet_libraries() -> None:
+  """What `setup` cuts (see the module docstring)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # 1: warnings and errors
   sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
   asyncio_logger = logging.getLogger("asyncio")
@@ -66,8 +81,38 @@ def setup(verbose: Optional[bool] = None, tensorflow: bool = False) -> None:
   # A failed save's other writes, never started, are garbage-collected as the process ends.
   warnings.filterwarnings("ignore", category=RuntimeWarning,
                           message=r"coroutine '[\w.<>]*write_fragment' was never awaited")
-  if tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow"):
-    _import_tensorflow_without_info()
+
+
+def import_tensorflow(verbose: Optional[bool] = None) -> Any:
+  """TensorFlow for the code that needs it (see the module docstring); None if not installed.
+
+  Imported on the first call without its load-time INFO lines (unless `verbose`, as in `setup`),
+  and on every call with the GPUs hidden from it: they are JAX's, and TensorFlow would take their
+  memory the moment it ran an operation. Call it before anything else imports TensorFlow (tfds
+  or epath would, with its INFO lines and the GPUs in view); hiding the GPUs from a TensorFlow
+  that already placed operations on them fails (RuntimeError).
+  """
+  with _TENSORFLOW_IMPORT:
+    if "tensorflow" not in sys.modules:
+      if importlib.util.find_spec("tensorflow") is None:
+        return None
+      if verbose is None:
+        verbose = _verbosity_raised()
+      if verbose:
+        import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      else:
+        _import_tensorflow_without_info()
+  tf = sys.modules["tensorflow"]
+  if tf is None:  # made unimportable (sys.modules["tensorflow"] = None), as some tests do
+    return None
+  tf.config.set_visible_devices([], "GPU")  # a no-op when already hidden
+  return tf
+
+
+def _verbosity_raised() -> bool:
+  """Whether absl's `--verbosity` was raised to debug (>= 1): every library's INFO lines kept."""
+  from absl import flags
+  return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:

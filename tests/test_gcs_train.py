@@ -45,10 +45,8 @@ def test_lease_lock_on_cloud_storage(gcs_bucket, monkeypatch, caplog):
 
 
 def gs_train(workdir: str, **overrides) -> subprocess.CompletedProcess:
-  # TensorBoard off: TensorFlow writes its events through its own GCS client, which cannot be
-  # pointed at the emulator.
-  return subprocess.run(train_command(workdir, tensorboard=False, **overrides), cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, env=env_with_devices(1))
+  return subprocess.run(train_command(workdir, **overrides), cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=env_with_devices(1))
 
 
 @pytest.mark.slow
@@ -69,6 +67,8 @@ def test_train_resume_and_sample_on_a_gs_workdir(gcs_bucket, tmp_path):
   assert [(row["from_step"], row["changes"]) for row in history] == [
       (0, {}), (3, {"num_steps": [3, 6], "checkpoint.async_save": [True, False]})]
   assert fs.read_text(f"{workdir}/run.lock") == ""  # released at the end
+  # Each run's TensorBoard events (tests/test_tensorboard.py reads them), uploaded at its end.
+  assert len([n for n in fs.listdir(workdir) if n.startswith("events.out.tfevents.")]) == 2
 
   # sample.py reads the gs:// checkpoint; the same grid as from a local copy of it.
   grids = []

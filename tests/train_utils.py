@@ -72,8 +72,8 @@ def run_train(workdir: os.PathLike, num_devices: int = 1, timeout: int = 300,
                         env=env_with_devices(num_devices, compile_cache=compile_cache))
 
 
-# Several runs, one after the other, in one process (Python, TensorFlow and JAX start once), each
-# as train.py makes it: its flags parsed into the config (ml_collections), then the loop.
+# Several runs, one after the other, in one process (Python and JAX start once), each as train.py
+# makes it: its flags parsed into the config (ml_collections), then the loop.
 _RUNS_SCRIPT = """
 import json, sys
 from absl import flags, logging as absl_logging
@@ -83,7 +83,7 @@ absl_logging.use_absl_handler()
 flags.FLAGS(["train.py"])
 flags.FLAGS.verbosity = 0
 from dit_jax import logs
-logs.setup(tensorflow=True)
+logs.setup()
 from dit_jax.train.loop import train_and_evaluate
 for argv in json.loads(sys.argv[1]):
   values = flags.FlagValues()

@@ -1,12 +1,17 @@
 """tfds datasets as random-access sources (array_record files, `tfds.data_source`).
 
 tensorflow_datasets is imported inside `TfdsSource`, never at module level: `dit_jax.data` must
-import on accelerator images that carry jax but not the TensorFlow stack.
+import on accelerator images that carry jax but not the TensorFlow stack. TensorFlow (if
+installed) is imported first, quietly and with the GPUs hidden from it (`logs.import_tensorflow`):
+tfds may reach for it on its own (it opens a `gs://` data_dir through epath, hence through
+TensorFlow's GCS client), and by then it must be off the accelerators.
 """
 import os
 from typing import Any
 
 import numpy as np
+
+from dit_jax import logs
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -57,9 +62,10 @@ class TfdsSource:
       channels: None keeps the stored channels (grayscale stays `[H, W, 1]`); 3 repeats a single
         channel to RGB; 1 requires single-channel data.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if channels not in (None, 1, 3):
       raise ValueError(f"config.data.channels must be None, 1 or 3, got {channels!r}")
+    logs.import_tensorflow()
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
     self.name, self.split, self.data_dir, self.channels = name, split, data_dir, channels
     try:

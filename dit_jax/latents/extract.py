@@ -34,14 +34,13 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   from dit_jax import logs
-  logs.setup(tensorflow=FLAGS.config.data.name not in ("digits", "folder"))  # quiet libraries
+  logs.setup()  # quiet libraries (a tfds dataset imports TensorFlow quietly, off the GPUs)
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   from dit_jax.latents.extraction import check_not_complete, extract_from_config
   with cli.user_errors(FileExistsError):
     check_not_complete(FLAGS.out)  # a finished directory fails fast, before any setup.
-  # tfds imports TensorFlow, which must never take accelerator memory.
-  cli.start_distributed(tensorflow=FLAGS.config.data.name not in ("digits", "folder"))
+  cli.start_distributed()
   # Bad input (the data, the VAE, the batch size, a directory begun with other settings).
   with cli.user_errors(ValueError, OSError):
     result = extract_from_config(FLAGS.config, FLAGS.vae, FLAGS.out, batch_size=FLAGS.batch_size,

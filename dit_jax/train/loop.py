@@ -185,7 +185,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
 def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, on a set-up run that holds its workdir."""
-  from dit_jax.train import reporting  # clu writers import TensorFlow: only the loop needs it.
+  from dit_jax.train import reporting  # tensorboard's protos, the samplers: only the loop's.
 
   with cli.user_errors(params_io.UnreadableCheckpointError):  # every step damaged
     state = initial_state(run, config)

@@ -1,6 +1,6 @@
-"""What a run reports: TensorBoard (clu) and console lines, sample grids, the digits grade.
+"""What a run reports: TensorBoard events and console lines, sample grids, the digits grade.
 
-Imports clu's writers, hence TensorFlow: the train step and model stay importable without.
+The events are written without TensorFlow (`tensorboard_writer`), on a background thread.
 """
 import json
 import logging
@@ -9,13 +9,14 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers, parameter_overview
+from clu import parameter_overview
 
 from dit_jax import fs, generate
 from dit_jax import images as image_io
 from dit_jax.models import DiT
 from dit_jax.train.metrics_log import MetricsLog
 from dit_jax.train.step import OPTIMIZER_METRICS
+from dit_jax.train.tensorboard_writer import TensorBoardWriter
 from dit_jax.train.throughput import peak_flops
 
 
@@ -51,8 +52,8 @@ class Reporter:
   """Metric writing, the console lines, EMA sample grids and the digits grade for one run.
 
   The console gets a start-up summary, one line per log step and one per grid: the metrics go
-  to TensorBoard (clu's SummaryWriter) and metrics.jsonl, not through clu's LoggingWriter,
-  which logs every write (hparams, images, each scalar group) as lines of its own.
+  to TensorBoard (`TensorBoardWriter`, by process 0, with `config.tensorboard`) and to
+  metrics.jsonl.
   """
 
   def __init__(self, config: Any, workdir: str, model: DiT, start_step: int,
@@ -65,9 +66,8 @@ class Reporter:
     self.decode = decode
     self.spec = generate.spec_from_config(config)
     self.is_chief = jax.process_index() == 0
-    writers = [metric_writers.SummaryWriter(workdir)] if config.tensorboard else []
-    self.writer = (metric_writers.AsyncMultiWriter(writers) if self.is_chief and writers
-                   else metric_writers.MultiWriter([]))
+    self.writer = (TensorBoardWriter(workdir) if self.is_chief and config.tensorboard
+                   else None)
     self._last_time, self._last_step = time.time(), start_step
     # Rows an earlier run logged after start_step (its last checkpoint) are dropped.
     self.metrics = MetricsLog(workdir, start_step, enabled=self.is_chief)
@@ -99,7 +99,8 @@ class Reporter:
       logging.info("Data: %s, %s examples, %d classes; batch %d, %d steps (%.1f epochs)", name,
                    f"{len(source):,}", source.num_classes, cfg.batch_size, cfg.num_steps,
                    cfg.num_steps * cfg.batch_size / max(len(source), 1))
-    self.writer.write_hparams(_flat_hparams(json.loads(self.config.to_json_best_effort())))
+    if self.writer is not None:
+      self.writer.write_hparams(_flat_hparams(json.loads(self.config.to_json_best_effort())))
 
   def step(self, step: int, metrics: dict[str, float], flops_per_image: Optional[float]) -> None:
     """Called once per completed step with that step's (host) metrics."""
@@ -116,8 +117,9 @@ class Reporter:
     if flops_per_image:
       achieved = scalars["train/images_per_sec"] * flops_per_image
       scalars["train/mfu"] = achieved / (peak_flops() * jax.device_count())
-    self.writer.write_scalars(step, scalars)
-    self.metrics.append(step, scalars)
+    self.metrics.append(step, scalars)  # first: of two refused writes, the record's is reported
+    if self.writer is not None:
+      self.writer.write_scalars(step, scalars)
     logging.info("%s", _step_line(step, self.config.num_steps, scalars, terms))
 
   def sample_grid(self, step: int, params: Any) -> Optional[str]:
@@ -127,7 +129,8 @@ class Reporter:
       return None  # latents need the VAE (config.vae.path) to become pictures
     _, grid = generate.sample_grid(self.model, params, self.spec, self.config.sample.classes,
                                    self.config.sample.per_class, self.decode, self.mesh)
-    self.writer.write_images(step, {"samples": grid[None]})
+    if self.writer is not None:
+      self.writer.write_images(step, {"samples": grid[None]})
     if not self.is_chief:
       return None
     path = fs.join(self.workdir, "samples", f"step_{step:07d}.png")
@@ -151,8 +154,9 @@ class Reporter:
     results = {"eval/digits_accuracy": float(grade["accuracy"]),
                "eval/digits_frechet_distance": float(grade["frechet_distance"]),
                "eval/num_samples": int(grade["num_samples"])}
-    self.writer.write_scalars(step, results)
-    self.metrics.append(step, results)
+    self.metrics.append(step, results)  # first: of two refused writes, the record's is reported
+    if self.writer is not None:
+      self.writer.write_scalars(step, results)
     logging.info("Digits grade at step %d: accuracy %.4f, Frechet distance %.4f (%d samples)",
                  step, results["eval/digits_accuracy"], results["eval/digits_frechet_distance"],
                  results["eval/num_samples"])
@@ -164,5 +168,6 @@ class Reporter:
     return results
 
   def close(self) -> None:
-    self.writer.flush()
-    self.writer.close()
+    """Writes what is still queued for TensorBoard (at the run's end, or its preemption)."""
+    if self.writer is not None:
+      self.writer.close()
