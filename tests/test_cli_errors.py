@@ -102,6 +102,7 @@ def checkpoint(tmp_path_factory):
   return directory
 
 
+@pytest.mark.slow
 def test_sample_checkpoint_errors(tmp_path, checkpoint):
   out = tmp_path / "grid.png"
   missing = run(["sample.py", f"--checkpoint={tmp_path / 'nope'}", f"--out={out}"])
@@ -148,6 +149,7 @@ def tiny_train(workdir, config="configs/digits.py", **overrides):
   return train_command(workdir, config=config, **overrides)[1:]
 
 
+@pytest.mark.slow
 def test_train_workdir_that_is_a_file(tmp_path):
   workdir = tmp_path / "run"
   workdir.write_text("notes")
@@ -156,6 +158,7 @@ def test_train_workdir_that_is_a_file(tmp_path):
   assert workdir.read_text() == "notes" and sorted(tmp_path.iterdir()) == [workdir]
 
 
+@pytest.mark.slow
 def test_train_workdir_on_a_read_only_file_system(tmp_path):
   mount = tmp_path / "ro"
   mount.mkdir()
@@ -171,6 +174,7 @@ def test_train_workdir_on_a_read_only_file_system(tmp_path):
   assert not any(mount.iterdir())
 
 
+@pytest.mark.slow
 def test_train_image_folder_where_nothing_decodes(tmp_path):
   folder = tmp_path / "images"
   for name in ("cat", "dog"):
@@ -184,6 +188,7 @@ def test_train_image_folder_where_nothing_decodes(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size, axis_sizes, shards, axes", [
     (127, "(-1,1,1)", 8, "data=8 x fsdp=1"),
     (12, "(4,2,1)", 8, "data=4 x fsdp=2"),  # 12 splits over `data` alone, not over data x fsdp

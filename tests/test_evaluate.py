@@ -93,6 +93,7 @@ def test_digits_domain_evaluation(tmp_path):
   assert float(result.stdout.split("accuracy")[1].split()[0]) < 0.3
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(tmp_path):
   bad = tmp_path / "float.npz"
   np.savez(bad, arr_0=np.zeros((2, 8, 8, 3), np.float32))

@@ -33,6 +33,7 @@ def compiled() -> dict[tuple[int, ...], dict]:
   return {tuple(r["mesh"]): r for r in memory_plan.run_jobs(jobs, 64, timeout=900)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MESHES)
 def test_temporary_memory_per_device_does_not_grow_with_devices(compiled, kind):
   # Without the activations' constraints it grew 2.5x (data x fsdp) to 4.7x (fsdp) from 8 to 64
@@ -41,6 +42,7 @@ def test_temporary_memory_per_device_does_not_grow_with_devices(compiled, kind):
   assert at_64 <= 1.25 * at_8, (kind, at_8, at_64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MESHES)
 def test_state_per_device_is_the_arithmetic(compiled, kind):
   for mesh in MESHES[kind]:
@@ -52,6 +54,7 @@ def test_state_per_device_is_the_arithmetic(compiled, kind):
     assert abs(state / expected - 1) < 0.10, (mesh, state, expected)
 
 
+@pytest.mark.slow
 def test_scanned_blocks_gather_their_weights_one_block_at_a_time(compiled):
   largest_kernel = 512 * 6 * 512 * 4  # a block's adaLN kernel in float32
   for mesh in MESHES["fsdp"]:
@@ -87,6 +90,7 @@ def test_a_tensor_axis_that_divides_nothing_goes_to_data():
       "a mesh that fits: (data=5, fsdp=2, tensor=1), i.e. --config.mesh.axis_sizes=5,2,1")
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_mesh_that_does_not_divide_the_model_in_one_line(tmp_path):
   # hidden 24 over fsdp=16: the largest fsdp that divides 24 (and every other dimension it
   # shards) is 8; the other 2 go to `data`. Refused before anything is written.

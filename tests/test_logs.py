@@ -24,6 +24,7 @@ def tiny_run(tmp_path_factory):
   return workdir, (result.stdout + result.stderr).splitlines()
 
 
+@pytest.mark.slow
 def test_a_short_run_prints_only_what_a_user_reads(tiny_run):
   workdir, lines = tiny_run
   expected = ["JAX process 0/1", "Model: DiT, ", "Mesh: data=1, fsdp=1, tensor=1",

@@ -77,6 +77,7 @@ def tiny_plan():
   return mp.plan("S/2", TINY, [32], [4], ["dp", "fsdp"], [None], (2, 4), max_checked=16)
 
 
+@pytest.mark.slow
 def test_state_per_device_is_params_times_16_bytes_over_the_sharding_devices(tiny_plan):
   dp, fsdp = tiny_plan
   assert (dp["mesh"], fsdp["mesh"]) == ([4, 1, 1], [1, 4, 1])
@@ -86,6 +87,7 @@ def test_state_per_device_is_params_times_16_bytes_over_the_sharding_devices(tin
   assert fsdp["state"] == pytest.approx(mp.state_arithmetic(params, 4), rel=0.10)
 
 
+@pytest.mark.slow
 def test_tiny_plan_is_linear_in_the_batch_and_reports_its_collectives(tiny_plan):
   dp, fsdp = tiny_plan
   for row in tiny_plan:

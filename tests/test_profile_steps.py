@@ -39,6 +39,7 @@ def read_trace(folder: pathlib.Path) -> dict:
   return {"files": files, "modules": modules, "steps": steps, "compiling": COMPILING in names}
 
 
+@pytest.mark.slow
 def test_a_run_traces_the_steps_asked_for_without_the_compilation(tmp_path):
   result = run_train(tmp_path, num_steps=3, profile_steps="2,1", compile_cache=True)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_sigterm_inside_the_window_and_a_resumed_window_keep_both_traces(tmp_pat
   assert trace["compiling"] and trace["modules"]["jit_train_step"] > 0
 
 
+@pytest.mark.slow
 def test_a_bad_value_is_one_line_naming_the_key_before_anything_is_written(tmp_path):
   result = run(train_command(tmp_path / "run", profile_steps="10")[1:])
   # alone=False: the start-up line naming the devices comes first.

@@ -160,6 +160,7 @@ def flag_problems(program: str, args: list[str]) -> list[str]:
   return problems
 
 
+@pytest.mark.slow
 def test_readme_commands_work_as_typed():
   commands = readme_commands()
   assert len(commands) >= 15, commands  # the extraction found the README's commands

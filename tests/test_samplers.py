@@ -91,6 +91,7 @@ def test_readme_example_is_ddim_on_evenly_spaced_steps(registered):
   assert not np.allclose(out, strided, atol=1e-3)  # its own spacing, not ddim's "ddim5"
 
 
+@pytest.mark.slow
 def test_config_benchmark_and_sample_py_take_a_registered_sampler(registered, tmp_path):
   # A training config: the sampling settings its grids and digits grade are drawn with.
   config = digits.get_config()
