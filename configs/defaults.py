@@ -54,7 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   # How it runs; none of these change the parameters' values.
   config.model.dtype = "bfloat16"  # compute dtype; params stay float32.
   config.model.param_dtype = "float32"  # dtype of the stored parameters.
-  config.model.scan_blocks = True  # one compiled block: compile time independent of depth.
+  # None: unrolled on GPUs (the scan's stacked residuals cost DiT-XL/2 1.48x in speed on an
+  # H100, benchmarks/README.md), under nn.scan elsewhere (one compiled block: compile time
+  # independent of depth). True / False force one layout.
+  config.model.scan_blocks = optional(bool)
   config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
   config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
 

@@ -301,3 +301,17 @@ def test_guidance_without_null_class_raises():
   with pytest.raises(ValueError, match="^class_dropout_prob:"):
     model.apply({"params": params}, jnp.zeros((2, 8, 8, 4)), jnp.array([1, 1]),
                 jnp.array([0, 1]), 4.0, method=DiT.forward_with_cfg)
+
+
+def test_a_config_without_a_block_layout_unrolls_only_on_gpus(monkeypatch):
+  """`model.scan_blocks=None` (the ImageNet configs): unrolled on GPUs, scanned elsewhere; an
+  explicit True / False is kept on any backend."""
+  from dit_jax.models import build_model, dit
+  assert dit.default_scan_blocks("gpu") is False
+  assert dit.default_scan_blocks("tpu") is True and dit.default_scan_blocks("cpu") is True
+  config = {"variant": "S/8", "input_size": 16, "num_classes": 10, "scan_blocks": None}
+  assert build_model(config).scan_blocks  # this machine is a CPU
+  monkeypatch.setattr(dit.jax, "default_backend", lambda: "gpu")
+  assert not build_model(config).scan_blocks
+  assert build_model({**config, "scan_blocks": True}).scan_blocks
+  assert config["scan_blocks"] is None  # the caller's config is not changed
