@@ -23,7 +23,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.in_channels = 3
   config.model.num_classes = int(num_classes or 10)
   config.model.dtype = "bfloat16"
-  config.model.scan_blocks = True
 
   config.batch_size = 64
   config.num_steps = 100_000
