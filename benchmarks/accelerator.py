@@ -77,20 +77,37 @@ def child(args: argparse.Namespace) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def attempt(variant: str, batch: int, remat: str, args: argparse.Namespace,
-            attention: str | None) -> tuple[int, dict | None, str]:
+def run_child(variant: str, batch: int, *, remat: str = "none", dtype: str = "bfloat16",
+              steps: int = 10, sample_batch: int = 64, blocks: str = "unrolled",
+              attention: str | None = None, patch: str = "", xla_flags: str = "",
+              timeout: float | None = None) -> tuple[int | None, dict | None, str]:
+  """One attempt (`child`) in a fresh process: (exit code, its result or None, stderr).
+
+  `xla_flags` are added to XLA_FLAGS; `patch` names `step_variants.PATCHES`. The exit code is
+  None when the attempt ran past `timeout` seconds."""
   cmd = [sys.executable, "-m", "benchmarks.accelerator", "--child", "--variant", variant,
-         "--batch", str(batch), "--remat", remat, "--dtype", args.dtype, "--steps",
-         str(args.steps), "--sample_batch", str(args.sample_batch), "--blocks", args.blocks]
+         "--batch", str(batch), "--remat", remat, "--dtype", dtype, "--steps", str(steps),
+         "--sample_batch", str(sample_batch), "--blocks", blocks, "--patch", patch]
   if attention:
     cmd += ["--attention", attention]
   # JAX takes 75% of GPU memory by default; let the attempt use (nearly) all of it.
   env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if xla_flags:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return None, None, f"over {timeout:.0f} s"
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return proc.returncode, json.loads(line[len("RESULT "):]), proc.stderr
   return proc.returncode, None, proc.stderr
+
+
+def attempt(variant: str, batch: int, remat: str, args: argparse.Namespace,
+            attention: str | None) -> tuple[int | None, dict | None, str]:
+  return run_child(variant, batch, remat=remat, dtype=args.dtype, steps=args.steps,
+                   sample_batch=args.sample_batch, blocks=args.blocks, attention=attention)
 
 
 def run_model(variant: str, batches: list[int], args: argparse.Namespace) -> dict:
@@ -101,7 +118,7 @@ def run_model(variant: str, batches: list[int], args: argparse.Namespace) -> dic
       code, result, err = attempt(variant, batch, remat, args, attention)
       if code != 0 and code != OOM_EXIT and attention == "cudnn":
         # cuDNN attention unsupported here (shape, version): say so, measure XLA's instead.
-        print(f"  DiT-{variant}: cudnn attention failed ({_last_line(err)}); using xla",
+        print(f"  DiT-{variant}: cudnn attention failed ({last_line(err)}); using xla",
               flush=True)
         attention = "xla"
         code, result, err = attempt(variant, batch, remat, args, attention)
@@ -114,11 +131,11 @@ def run_model(variant: str, batches: list[int], args: argparse.Namespace) -> dic
               flush=True)
         continue
       print(err[-3000:], file=sys.stderr)
-      return {"variant": variant, "error": _last_line(err)}
+      return {"variant": variant, "error": last_line(err)}
   return {"variant": variant, "error": f"no batch of {batches} fits"}
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   errors = [line for line in lines if "Error" in line.split(":")[0]]
   lines = errors or lines

@@ -13,12 +13,11 @@ table gives img/s and MFU relative to `base`. Needs only jax, flax, optax and nu
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
+
+from benchmarks.accelerator import last_line, run_child
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,25 +117,15 @@ def apply_patch(names: str) -> None:
 
 
 def run_setting(setting: Setting, variant: str, steps: int, timeout: float) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.accelerator", "--child", "--variant", variant,
-         "--batch", str(setting.batch), "--remat", setting.remat, "--dtype", "bfloat16",
-         "--steps", str(steps), "--sample_batch", "0", "--attention", setting.attention,
-         "--blocks", setting.blocks, "--patch", setting.patch]
-  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
-  if setting.xla_flags:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + setting.xla_flags).strip()
   start = time.perf_counter()
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {"setting": setting.name, "error": f"over {timeout:.0f} s"}
-  took = time.perf_counter() - start
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return {"setting": setting.name, **dataclasses.asdict(setting),
-              **json.loads(line[len("RESULT "):]), "process_s": took}
-  tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:]
-  return {"setting": setting.name, "error": (tail[0] if tail else "no output")[:300]}
+  code, result, err = run_child(variant, setting.batch, remat=setting.remat, steps=steps,
+                                sample_batch=0, blocks=setting.blocks,
+                                attention=setting.attention, patch=setting.patch,
+                                xla_flags=setting.xla_flags, timeout=timeout)
+  if code is None or result is None:
+    return {"setting": setting.name, "error": err if code is None else last_line(err)}
+  return {"setting": setting.name, **dataclasses.asdict(setting), **result,
+          "process_s": time.perf_counter() - start}
 
 
 def format_table(rows: list[dict]) -> str:
