@@ -1,7 +1,8 @@
 """The model's speed-motivated formulations compute exactly what the plain ones do.
 
 Each replaces a form that XLA on CPU ran slowly (benchmarks/README.md): a 2-D Dense, attention
-with heads-major operands, and a fence on the residual cotangent between unrolled blocks.
+with heads-major operands and a softmax whose backward keeps only the probabilities, and a fence
+on the residual cotangent between unrolled blocks.
 """
 import re
 
@@ -44,6 +45,36 @@ def test_heads_major_attention_equals_jax_attention(head_dim):
                                        scale=scale, implementation="xla")
   assert got16.dtype == jnp.bfloat16
   np.testing.assert_allclose(got16.astype(np.float32), ref16.astype(np.float32), atol=2e-2)
+
+
+def test_softmax_is_jax_softmax_and_its_gradient_too():
+  x = 4 * jax.random.normal(jax.random.key(0), (3, 5, 17))
+  x = x.at[0, 0].set(jnp.array([80.0] + [-80.0] * 16))  # a saturated row
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_array_equal(layers.softmax(x), jax.nn.softmax(x, axis=-1))
+  got = jax.vjp(layers.softmax, x)[1](g)[0]
+  expected = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), x)[1](g)[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  assert np.isfinite(got).all()
+  # Probabilities sum to one, so a constant added to a row has no gradient.
+  np.testing.assert_allclose(got.sum(-1), 0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_heads_major_attention_gradient_equals_jax_attention_gradient(dtype, tol):
+  batch, tokens, heads, head_dim = 2, 7, 3, 8
+  qkv = jax.random.normal(jax.random.key(2), (batch, tokens, 3, heads, head_dim)).astype(dtype)
+  g = jax.random.normal(jax.random.key(3), (batch, tokens, heads, head_dim)).astype(dtype)
+  scale = head_dim ** -0.5
+
+  def theirs(qkv):
+    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
+                                        implementation="xla")
+  got = jax.vjp(lambda qkv: layers.heads_major_attention(qkv, scale), qkv)[1](g)[0]
+  expected = jax.vjp(theirs, qkv)[1](g)[0]
+  assert got.dtype == dtype
+  np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=tol,
+                             atol=tol)
 
 
 def test_cotangent_fence_is_the_identity_and_its_gradient_too():
