@@ -322,7 +322,8 @@ def main() -> None:
   parser.add_argument("--remats", nargs="+", default=["none", "nothing_saveable"],
                       help="none or jax.checkpoint_policies names")
   parser.add_argument("--batches", type=int, nargs=2, default=[1, 4],
-                      help="two per-device batches for the linear fit (the second: the temp column)")
+                      help="two per-device batches for the linear fit "
+                           "(the second: the temp column)")
   parser.add_argument("--max-checked", type=int, default=MAX_CHECKED,
                       help="the largest per-device batch compiled to check a fit")
   parser.add_argument("--json", default="", help="also write the rows here (JSON)")

@@ -5,8 +5,9 @@
       --blocks scanned unrolled --steps 10          # the CPU target of README
 
 Runs the real jitted, state-donating `train_step` on random 32x32x4 latents (256 px) over all
-local devices (data parallel), with scanned and/or unrolled blocks. Needs only jax/flax/optax/numpy, so it runs
-on accelerator images without TensorFlow or ml_collections. Prints a Markdown table.
+local devices (data parallel), with scanned and/or unrolled blocks. Needs only
+jax/flax/optax/numpy, so it runs on accelerator images without TensorFlow or ml_collections.
+Prints a Markdown table.
 """
 import argparse
 import time

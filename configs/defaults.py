@@ -135,7 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.guidance_channels = config_dict.FieldReference(3, field_type=int)
   config.sample.clip_denoised = False  # True only for pixel-space models.
   # The flow samplers' settings (dit_jax.samplers.loop.SamplerOptions: ode-dopri5's tolerances,
-  # sde-euler's diffusion coefficient and last step), SiT's defaults; diffusion samplers ignore them.
+  # sde-euler's diffusion coefficient and last step), SiT's defaults; diffusion samplers ignore
+  # them.
   config.sample.options = ml_collections.ConfigDict(dataclasses.asdict(loop.SamplerOptions()))
 
   config.eval = ml_collections.ConfigDict()

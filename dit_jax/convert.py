@@ -113,7 +113,8 @@ def from_torch_state_dict(state: dict[str, np.ndarray], model: DiT,
     key = torch_key(path)
     torch_shape, to_flax, _ = _layout(path, tuple(leaf.shape), model)
     if key not in state:
-      raise ValueError(f"{source}: missing key '{key}' (shape {torch_shape}) required by {_name(model)}")
+      raise ValueError(f"{source}: missing key '{key}' (shape {torch_shape}) required by "
+                       f"{_name(model)}")
     if tuple(state[key].shape) != torch_shape:
       raise ValueError(f"{source}: key '{key}' has shape {tuple(state[key].shape)} but "
                        f"{_name(model)} expects {torch_shape}")

@@ -113,6 +113,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
   result = run_eval("--samples", str(tmp_path / "nope.npz"), "--ref", "digits")
   assert result.returncode != 0 and "--samples: no such file" in result.stderr
   (tmp_path / "taken.json").write_text("{}")
-  result = run_eval("--samples", str(good), "--ref", "digits", "--out", str(tmp_path / "taken.json"))
+  result = run_eval("--samples", str(good), "--ref", "digits", "--out",
+                    str(tmp_path / "taken.json"))
   assert result.returncode != 0 and "refusing to overwrite" in result.stderr
   assert (tmp_path / "taken.json").read_text() == "{}"

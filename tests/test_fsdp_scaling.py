@@ -50,7 +50,8 @@ def test_state_per_device_is_the_arithmetic(compiled, kind):
     assert result["params"] == PARAMS
     # params, EMA, Adam's mu and nu in float32, sharded over the fsdp x tensor devices.
     expected = memory_plan.state_arithmetic(PARAMS, mesh[1] * mesh[2])
-    state = result["args"] - BATCH * memory_plan._batch_bytes(64)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    state = result["args"] - BATCH * memory_plan._batch_bytes(64)
     assert abs(state / expected - 1) < 0.10, (mesh, state, expected)
 
 

@@ -228,7 +228,8 @@ def test_sample_py_decodes_latents_with_the_vae(tmp_path):
   assert missing.returncode != 0 and "--vae" in missing.stderr
   vae = str(fixture_path("vae_reference", "tiny_vae"))  # 2x downsampling: 8x8 latents -> 16 px
   result = subprocess.run(base + [f"--vae={vae}", f"--out={tmp_path / 'g.png'}",
-                                  "--num_samples=3", "--batch_size=2", f"--npz={tmp_path / 's.npz'}"],
+                                  "--num_samples=3", "--batch_size=2",
+                                  f"--npz={tmp_path / 's.npz'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env_with_devices(1))
   assert result.returncode == 0, result.stderr[-3000:]

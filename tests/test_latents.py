@@ -308,7 +308,8 @@ def test_a_run_reads_the_latents_its_model_takes(extracted, image_folder):
   config.model.input_size, config.model.in_channels = 8, 4  # the test VAE's 8x8x4 latents
   with make_inputs(config, build_model(config.model)) as pipeline:
     assert isinstance(pipeline, LatentPipeline)
-    assert (pipeline.order.global_batch_size, pipeline.order.seed) == (config.batch_size, config.seed)
+    assert ((pipeline.order.global_batch_size, pipeline.order.seed)
+            == (config.batch_size, config.seed))
     assert pipeline.element_spec["moments"].shape == (config.batch_size, 8, 8, 8)
   config.model.input_size = 16
   with pytest.raises(ValueError, match=r"holds latents of shape \[8, 8, 4\], the model takes "

@@ -195,7 +195,8 @@ def test_the_checker_catches_mistakes():
     problems += found or flag_problems(program, args)
   text = "\n".join(problems)
   assert len(problems) == 5, text
-  for expected in ("use .venv/bin/python", "--cfg is not one of its flags", "no module dit_jax.nope",
+  for expected in ("use .venv/bin/python", "--cfg is not one of its flags",
+                   "no module dit_jax.nope",
                    "--config.num_step: no such config key",
                    "use .venv/bin/tensorboard"):
     assert expected in text, (expected, text)

@@ -234,7 +234,8 @@ def test_resume_skips_unreadable_steps_and_sets_them_aside(tmp_path, caplog):
       "save that did not finish",
       f"checkpoint: step 4 of {directory} cannot be read (ValueError: an empty folder); "
       "skipping it",
-      f"checkpoint: step 3 of {directory} cannot be read (KeyError: {lines[2].split('(KeyError: ')[1]}",
+      f"checkpoint: step 3 of {directory} cannot be read "
+      f"(KeyError: {lines[2].split('(KeyError: ')[1]}",
       f"checkpoint: moved the unreadable step 3 to {tmp_path}/unreadable_checkpoints/3; training "
       "resumes from step 2",
       f"checkpoint: moved the unreadable step 4 to {tmp_path}/unreadable_checkpoints/4; training "

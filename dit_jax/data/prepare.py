@@ -122,7 +122,8 @@ def exclusive_lock(directory: str) -> Iterator[None]:
 
 
 def remove_incomplete(dataset_dir: str, version: str) -> list[str]:
-  """Deletes the `incomplete.<random suffix>_<version>` folders of interrupted runs (hold the lock)."""
+  """Deletes the `incomplete.<random suffix>_<version>` folders of interrupted runs (hold the
+  lock)."""
   if not fs.is_dir(dataset_dir):
     return []
   stale = [fs.join(dataset_dir, name) for name in fs.listdir(dataset_dir)

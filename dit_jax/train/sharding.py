@@ -163,7 +163,8 @@ def check_divisible(abstract_boxed_params: Any, mesh: Mesh, rules: Sequence[tupl
   path, i, name, size, axes = misfit
   split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
   raise ValueError(f"config.mesh: parameter {path} dimension {i} ({name}, size {size}) does not "
-                   f"split over mesh axis {split} ({size} % {math.prod(mesh.shape[a] for a in axes)}"
+                   f"split over mesh axis {split} "
+                   f"({size} % {math.prod(mesh.shape[a] for a in axes)}"
                    f" != 0); {_suggest_mesh(mesh, rules, dims, first_misfit)}")
 
 
