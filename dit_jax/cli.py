@@ -91,6 +91,15 @@ def check_new_output(flag: str, path: str) -> None:
     raise UserError(f"{flag}: no bucket {bucket} (or no access to it)")
 
 
+def python_command() -> str:
+  """The interpreter running this program, as a command to print for the user: relative to the
+  current directory when it lies under it (`.venv/bin/python` from the repository root, which
+  works in a fresh shell where a bare `python` may lack the packages), else its full path."""
+  executable = sys.executable or "python3"
+  relative = os.path.relpath(executable)
+  return relative if not relative.startswith("..") else executable
+
+
 def import_torch(what: str) -> Any:
   """torch, or a user error saying how to install it (requirements.txt leaves it out)."""
   try:
@@ -102,7 +111,8 @@ def import_torch(what: str) -> Any:
 
 
 def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-  """Calls `main`; a `UserError` becomes `error: <message>` on stderr and exit status 1."""
+  """Calls `main`; a `UserError` becomes `error: <message>` on stderr and exit status 1, a
+  Ctrl-C that the program did not handle itself one line and exit status 130."""
   try:
     return main(*args, **kwargs)
   except UserError as e:
@@ -111,6 +121,11 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     message = " ".join(str(e).split())  # one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:
+    if verbose():
+      raise
+    print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:

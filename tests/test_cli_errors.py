@@ -272,3 +272,30 @@ def test_convert_without_torch_is_one_line(tmp_path):
       "error: --torch: reading a PyTorch checkpoint needs PyTorch, which requirements.txt "
       "leaves out: install it with .venv/bin/pip install -r requirements-dev.txt")
   assert not out.exists()
+
+
+def test_an_unhandled_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+  monkeypatch.delenv("DIT_VERBOSE", raising=False)
+
+  def main():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(main)
+  assert exit_info.value.code == 130
+  assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_python_command_is_the_running_interpreter_relative_under_the_current_directory(
+    tmp_path, monkeypatch):
+  import os
+  venv_python = tmp_path / ".venv" / "bin" / "python"
+  monkeypatch.setattr(sys, "executable", str(venv_python))
+  monkeypatch.chdir(tmp_path)
+  assert cli.python_command() == os.path.join(".venv", "bin", "python")
+  monkeypatch.chdir(tmp_path / "..")
+  assert cli.python_command() == os.path.join(tmp_path.name, ".venv", "bin", "python")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  assert cli.python_command() == str(venv_python)

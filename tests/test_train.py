@@ -106,9 +106,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   # hundreds of times before the kill): saving never changes the state or the losses.
   runs = train_utils.run_trains_in_one_process(
       [(killed, dict(num_steps=total)),
-       (tmp_path / "straight", dict(num_steps=total, checkpoint__every_steps=total))],
+       (tmp_path / "straight", dict(num_steps=total, checkpoint__every_steps=total)),
+       (killed, dict(num_steps=total - 1))],  # behind the checkpoint: says so, trains nothing
       compile_cache=True)
   assert_ok(runs)
+  assert (f"config.num_steps={total - 1}: the checkpoint is at step {total} already; nothing "
+          "to train") in runs.stderr
   # The killed run's lock is taken over, with a warning naming it.
   assert f"workdir: taking over {killed / 'run.lock'} from a run that ended without releasing " \
          f"it (host " in runs.stderr and f", pid {proc.pid}, started " in runs.stderr
@@ -153,16 +156,18 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, eight_devi
                       restore_state(data8)["params"], atol=1e-6)
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_checkpoints_the_current_step_and_exits_zero(tmp_path, signum):
   proc = subprocess.Popen(train_command(tmp_path, num_steps=100_000,
                                         checkpoint__every_steps=100_000),
                           cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env=env_with_devices(1))
   metrics = tmp_path / "metrics.jsonl"
   wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 240, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
+  assert f"{signal.Signals(signum).name}: checkpointing step" in err and "Traceback" not in err
   steps = checkpoint_steps(tmp_path)
   assert len(steps) == 1 and steps[0] >= 5
   state = restore_state(tmp_path)

@@ -191,6 +191,43 @@ def test_metrics_log_keeps_each_step_once_across_resumes(tmp_path):
   assert "9" not in [str(r["step"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
+def test_sigterm_and_a_first_ctrl_c_request_a_stop_and_a_second_ctrl_c_interrupts():
+  import os
+  import signal
+  from dit_jax.train.checkpointing import PreemptionHandler
+
+  before = {s: signal.getsignal(s) for s in PreemptionHandler.SIGNALS}
+  handler = PreemptionHandler()
+  try:
+    assert not handler.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert handler.requested and handler.signal_name == "SIGTERM"
+  finally:
+    handler.close()
+  assert {s: signal.getsignal(s) for s in PreemptionHandler.SIGNALS} == before
+  handler = PreemptionHandler()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C: checkpoint and stop
+    assert handler.requested and handler.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # a second: now
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    handler.close()
+  assert {s: signal.getsignal(s) for s in PreemptionHandler.SIGNALS} == before
+
+
+def test_metrics_log_says_when_a_run_starts_over(tmp_path, caplog):
+  import logging
+  from dit_jax.train.metrics_log import MetricsLog
+
+  MetricsLog(str(tmp_path), resume_step=0).append(1, {"train/loss": 1.0})
+  with caplog.at_level(logging.INFO):
+    MetricsLog(str(tmp_path), resume_step=0)
+  assert "dropped 1 rows after step 0, no checkpoint: this run starts from the beginning" in (
+      caplog.text)
+  assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
   from dit_jax.train.checkpointing import Checkpointer
   from dit_jax.train.loop import _check_finite

@@ -5,6 +5,7 @@ writing: when to save, which steps to keep, background saves, preemption.
 """
 import logging
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
@@ -213,24 +214,33 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
 
 
 class PreemptionHandler:
-  """Turns SIGTERM into a request to checkpoint and stop, agreed on by every process."""
+  """Turns SIGTERM (a preemption) and a first Ctrl-C (SIGINT) into a request to checkpoint and
+  stop, agreed on by every process. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self._requested = False
-    self._previous = None
+    self.signal_name: Optional[str] = None  # of the first signal received
+    self._previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self._requested = True
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again to "
+            "stop now)", file=sys.stderr, flush=True)
 
   @property
   def requested(self) -> bool:
-    """Whether this process got SIGTERM (`any_process` makes every process agree on it)."""
-    return self._requested
+    """Whether this process got SIGTERM or SIGINT (`any_process` makes every process agree)."""
+    return self.signal_name is not None
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}

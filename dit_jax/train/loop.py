@@ -191,7 +191,11 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
     state = initial_state(run, config)
   start_step = int(state.step)
   resume_check.record(workdir, start_step, config, run.resumed_config)
-  p_step = compile_step(run, config)
+  if start_step >= config.num_steps:
+    logging.warning("config.num_steps=%d: the checkpoint is at step %d already; nothing to "
+                    "train%s", config.num_steps, start_step,
+                    f", grading step {start_step}" if config.eval.digits else "")
+  p_step = compile_step(run, config) if start_step < config.num_steps else None
   decode = None
   if config.vae.path and run.model.in_channels not in (1, 3):
     from dit_jax.generate import vae_decoder
@@ -234,7 +238,8 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
         if config.sample.every_steps and (done % config.sample.every_steps == 0
                                           or done == config.num_steps):
           reporter.sample_grid(done, state.ema_params)
-        # Every process stops at the same step: at SIGTERM, or when a save failed (a full disk).
+        # Every process stops at the same step: at SIGTERM or Ctrl-C, or when a save failed (a
+        # full disk).
         failure = run.checkpointer.failure()
         preempted, failed = any_process(preemption.requested, failure is not None)
         if failed:
@@ -242,7 +247,8 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
               "checkpoint: another process could not write its part of the checkpoint; "
               f"stopping at step {done}")
         if preempted:
-          logging.warning("SIGTERM: checkpointing step %d and stopping", done)
+          logging.warning("%s: checkpointing step %d and stopping",
+                          preemption.signal_name or "another process's signal", done)
           if pending is not None:
             last, pending = report(pending), None
           if saved != done:

@@ -57,8 +57,10 @@ class MetricsLog:
     kept = [row for row in rows if row["step"] <= resume_step]
     if len(kept) < len(rows) or partial:
       self._rewrite(kept)
-      logging.info("%s: dropped %d rows after step %d, the checkpoint this run resumes from "
-                   "(it logs them again)%s", self.path, len(rows) - len(kept), resume_step,
+      start = (f"the checkpoint this run resumes from" if resume_step
+               else "no checkpoint: this run starts from the beginning")
+      logging.info("%s: dropped %d rows after step %d, %s (it logs them again)%s", self.path,
+                   len(rows) - len(kept), resume_step, start,
                    f", and {partial} partly written" if partial else "")
     self._keys = {(row["step"], _kind(row)) for row in kept}
 
