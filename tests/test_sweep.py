@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from dit_jax import cli
 from dit_jax.models import build_model, count_params, gflops
 from dit_jax.sweep import __main__ as sweep_main
 from dit_jax.sweep import hyper, plan, plots, results, runner
@@ -105,7 +106,7 @@ def expected_scaling_points() -> list[dict]:
 def parse_command(line: str):
   """A printed command -> (config, workdir), parsed as train.py's flags parse it."""
   tokens = shlex.split(line)
-  assert tokens[:2] == ["python", "train.py"], tokens
+  assert tokens[:2] == [cli.python_command(), "train.py"], tokens
   argv = ["train.py", *tokens[2:]]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)

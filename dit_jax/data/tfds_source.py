@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dit_jax import logs
+from dit_jax import cli, logs
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -19,7 +19,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 # The command that prepares a dataset (dit_jax/data/prepare.py; any tfds name, no apache_beam).
-PREPARE_COMMAND = "python -m dit_jax.data.prepare {name} --data_dir {data_dir}"
+PREPARE_COMMAND = "{python} -m dit_jax.data.prepare {name} --data_dir {data_dir}"
 
 
 def default_data_dir() -> str:
@@ -38,7 +38,8 @@ def _preparation_help(name: str, data_dir: str, manual_instructions: str | None)
     lines.append("Then prepare it with:")
   else:
     lines.append("Prepare it (tfds downloads it) with:")
-  lines.append("    " + PREPARE_COMMAND.format(name=name, data_dir=data_dir))
+  lines.append("    " + PREPARE_COMMAND.format(python=cli.python_command(), name=name,
+                                               data_dir=data_dir))
   lines.append("It writes array_record files: the pipeline reads examples by index, which the "
                "tfds default, tfrecord, cannot do.")
   return "\n".join(lines)

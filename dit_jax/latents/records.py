@@ -38,8 +38,8 @@ READER_OPTIONS = "readahead_buffer_size:0"
 DTYPES = ("float32", "float16")
 LABEL_DTYPE = np.dtype("<i4")
 
-EXTRACT_COMMAND = ("python -m dit_jax.latents.extract --config CONFIG --vae VAE_DIR "
-                   "--out {directory}")
+EXTRACT_COMMAND = ("{python} -m dit_jax.latents.extract --config CONFIG "
+                   "--config.data.data_dir=DATA_DIR --vae VAE_DIR --out {directory}")
 
 
 def storage_dtype(name: str) -> np.dtype:

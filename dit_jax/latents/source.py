@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
-from dit_jax import fs
+from dit_jax import cli, fs
 from dit_jax.latents import records
 from dit_jax.vae import VAEConfig
 
@@ -44,7 +44,7 @@ class LatentSource:
     """
     directory = os.fspath(directory)
     self.directory = directory
-    command = records.EXTRACT_COMMAND.format(directory=directory)
+    command = records.EXTRACT_COMMAND.format(python=cli.python_command(), directory=directory)
     if not fs.is_dir(directory):
       raise FileNotFoundError(
           f"latent directory {directory!r} does not exist. Create it with:\n    {command}")

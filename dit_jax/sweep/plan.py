@@ -75,10 +75,11 @@ def train_args(config_spec: str, workdir: str, overrides: dict[str, Any]) -> tup
           *(f"--config.{key}={format_value(value)}" for key, value in overrides.items()))
 
 
-def command_line(point: Point, python: str = "python") -> str:
-  """`python train.py --config FILE --workdir DIR --config.KEY=VALUE ...`, shell-quoted, with
-  train.py's path relative to the current directory (`train.py` from the repository root)."""
-  return shlex.join([python, os.path.relpath(TRAIN_SCRIPT), *point.args])
+def command_line(point: Point, python: Optional[str] = None) -> str:
+  """`PYTHON train.py --config FILE --workdir DIR --config.KEY=VALUE ...`, shell-quoted, with
+  train.py's path relative to the current directory (`train.py` from the repository root);
+  PYTHON: `python` (default: the interpreter running this, `cli.python_command`)."""
+  return shlex.join([python or cli.python_command(), os.path.relpath(TRAIN_SCRIPT), *point.args])
 
 
 def parse_train_args(args: Sequence[str]) -> tuple[Any, str]:
