@@ -26,6 +26,7 @@ installed (`dit_jax.fs`: epath reaches Cloud Storage through TensorFlow's client
 digits or an image folder, sampling and the TensorBoard events (`dit_jax.train.tensorboard_writer`)
 never import it: its import costs a process about 5 s of CPU.
 """
+import contextlib
 import importlib.util
 import logging
 import os
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 # absl (orbax, clu, tfds, grain log through it), JAX, TensorFlow, and the Cloud Storage clients
 # of gs:// paths (fsspec logs a line per file it opens).
@@ -107,6 +108,20 @@ def import_tensorflow(verbose: Optional[bool] = None) -> Any:
     return None
   tf.config.set_visible_devices([], "GPU")  # a no-op when already hidden
   return tf
+
+
+@contextlib.contextmanager
+def without_warnings(logger: str) -> Iterator[None]:
+  """Drops `logger`'s warnings in the block, unless it logs below WARNING (verbose runs): for a
+  library that warns about what the calling code then reports in its own error."""
+  log = logging.getLogger(logger)
+  level = log.level
+  if level >= logging.WARNING:
+    log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 def _verbosity_raised() -> bool:

@@ -324,10 +324,16 @@ def test_folder_errors_name_the_path(tmp_path):
     make_source("folder")
 
 
-def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path):
+def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path, caplog):
+  import logging
+  from dit_jax import logs
   start = time.monotonic()
-  with pytest.raises(DatasetNotFoundError) as info:
+  (tmp_path / "imagenet2012" / "5.1.0").mkdir(parents=True)  # a version folder, no metadata
+  logs.setup()
+  with pytest.raises(DatasetNotFoundError) as info, caplog.at_level(logging.WARNING, "absl"):
     make_source("imagenet2012", data_dir=str(tmp_path))
+  # tfds's warning about the folder is dropped: the error says what is missing.
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   message = str(info.value)
   assert isinstance(info.value, FileNotFoundError)
   assert str(tmp_path / "imagenet2012") in message

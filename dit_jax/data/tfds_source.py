@@ -69,15 +69,18 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
     self.name, self.split, self.data_dir, self.channels = name, split, data_dir, channels
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(
-          f"config.data.name={name!r} is neither 'digits', 'folder' nor a tfds dataset "
-          f"(tfds has no builder of that name)") from e
+    # tfds warns of each version folder without its metadata, which the error below explains.
+    with logs.without_warnings("absl"):
+      try:
+        builder = tfds.builder(name, data_dir=data_dir)
+      except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"config.data.name={name!r} is neither 'digits', 'folder' nor a tfds dataset "
+            f"(tfds has no builder of that name)") from e
+      prepared = builder.is_prepared()
     dataset_dir = os.path.join(data_dir, name.split(":")[0])
     manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-    if not builder.is_prepared():
+    if not prepared:
       raise DatasetNotFoundError(
           f"tfds dataset {name!r} is not prepared in {dataset_dir} (expected "
           f"{builder.data_dir}, from config.data.data_dir={data_dir!r}).\n"
