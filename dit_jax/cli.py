@@ -110,17 +110,27 @@ def import_torch(what: str) -> Any:
   return torch
 
 
+def _exit_with_error(message: str) -> None:
+  """`error: <message>` on stderr, on one line whatever the message holds; exit status 1."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-  """Calls `main`; a `UserError` becomes `error: <message>` on stderr and exit status 1, a
-  Ctrl-C that the program did not handle itself one line and exit status 130."""
+  """Calls `main`; a `UserError`, or a JAX backend that cannot start (JAX_PLATFORMS), becomes
+  `error: <message>` on stderr and exit status 1, a Ctrl-C that the program did not handle
+  itself one line and exit status 130."""
   try:
     return main(*args, **kwargs)
   except UserError as e:
     if verbose():
       raise
-    message = " ".join(str(e).split())  # one line, whatever the message holds
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _exit_with_error(str(e))
+  except RuntimeError as e:  # JAX_PLATFORMS names a backend this machine cannot start
+    if verbose() or not str(e).startswith("Unable to initialize backend"):
+      raise
+    platforms = os.environ.get("JAX_PLATFORMS")
+    _exit_with_error(f"JAX_PLATFORMS={platforms}: {e}" if platforms else str(e))
   except KeyboardInterrupt:
     if verbose():
       raise
@@ -174,12 +184,34 @@ def start_distributed() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flag_values = flags.FLAGS
   if flag_values.coordinator_address:
+    check_distributed_flags(flag_values.coordinator_address, flag_values.num_processes,
+                            flag_values.process_id)
     jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
                                flag_values.process_id)
   elif os.environ.get("DIT_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:  # no cluster in the environment to join
+      raise UserError(f"DIT_DISTRIBUTED=auto: JAX found no multi-process environment to join "
+                      f"({e}); unset it on one machine, or pass --coordinator_address, "
+                      "--num_processes and --process_id") from e
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+
+
+def check_distributed_flags(address: str, num_processes: Optional[int],
+                            process_id: Optional[int]) -> None:
+  """`UserError` unless the flags describe a process of a multi-process run."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"--coordinator_address: expected host:port, got {address!r}")
+  if num_processes is None or process_id is None:
+    raise UserError("--coordinator_address needs --num_processes and --process_id too")
+  if num_processes < 1:
+    raise UserError(f"--num_processes: must be positive, got {num_processes}")
+  if not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id: must be in [0, {num_processes}) for --num_processes="
+                    f"{num_processes}, got {process_id}")
 
 
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:

@@ -299,3 +299,29 @@ def test_python_command_is_the_running_interpreter_relative_under_the_current_di
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
   assert cli.python_command() == str(venv_python)
+
+
+@pytest.mark.parametrize("env, start", [
+    ({"JAX_PLATFORMS": "bogus"},
+     "error: JAX_PLATFORMS=bogus: Unable to initialize backend 'bogus'"),
+    ({"DIT_DISTRIBUTED": "auto"}, "error: DIT_DISTRIBUTED=auto: JAX found no multi-process "
+                                  "environment to join"),
+])
+def test_an_environment_jax_cannot_start_in_is_one_line(tmp_path, env, start):
+  result = run(["train.py", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}"], **env)
+  assert error_line(result).startswith(start)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address, num_processes, process_id, message", [
+    ("localhost", 2, 0, "--coordinator_address: expected host:port, got 'localhost'"),
+    ("localhost:1234", None, 0, "--coordinator_address needs --num_processes and --process_id"),
+    ("localhost:1234", 0, 0, "--num_processes: must be positive, got 0"),
+    ("localhost:1234", 2, 5, "--process_id: must be in [0, 2) for --num_processes=2, got 5"),
+    ("localhost:1234", 2, -1, "--process_id: must be in [0, 2) for --num_processes=2, got -1"),
+])
+def test_distributed_flags_are_checked(address, num_processes, process_id, message):
+  with pytest.raises(cli.UserError) as info:
+    cli.check_distributed_flags(address, num_processes, process_id)
+  assert str(info.value).startswith(message)
+  cli.check_distributed_flags("10.0.0.1:1234", 2, 1)  # a valid process: no error
