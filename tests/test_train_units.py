@@ -384,6 +384,16 @@ def check_lease_lock(workdir: str, monkeypatch, caplog) -> None:
   winners[0].release()
 
 
+def test_a_directory_in_the_lock_files_place_is_refused_untouched(tmp_path):
+  from dit_jax.train.workdir_lock import WorkdirLock
+  (tmp_path / "run.lock" / "inside").mkdir(parents=True)
+  with pytest.raises(ValueError) as info:
+    WorkdirLock(str(tmp_path))
+  assert str(info.value) == (f"workdir: {tmp_path / 'run.lock'} is a directory where the run's "
+                             "lock file goes; move it away, or use another --workdir")
+  assert [p.name for p in tmp_path.rglob("*")] == ["run.lock", "inside"]
+
+
 def test_lease_lock_on_a_local_folder(tmp_path, monkeypatch, caplog):
   check_lease_lock(str(tmp_path / "run"), monkeypatch, caplog)
 

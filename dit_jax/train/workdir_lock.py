@@ -85,6 +85,9 @@ class WorkdirLock:
     """Takes the lock, or raises WorkdirBusyError naming the live run that holds it."""
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, LOCK_NAME)
+    if os.path.isdir(self.path):
+      raise ValueError(f"workdir: {self.path} is a directory where the run's lock file goes; "
+                       "move it away, or use another --workdir")
     self._file = open(self.path, "a+")  # creates it if needed; changes nothing that is there
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
