@@ -99,6 +99,15 @@ def test_missing_tars_are_one_line_naming_the_folder_and_both_files(tmp_path):
   assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+  data_dir = tmp_path / "a_file"
+  data_dir.write_text("not a folder")
+  result = run("-m", "dit_jax.data.prepare", "imagenet2012", "--data_dir", str(data_dir))
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.splitlines() == [f"error: --data_dir: {data_dir} is a file, not a directory"]
+  assert data_dir.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("present, missing", [((), "both are missing"),
                                               ((TRAIN_TAR,), f"{VAL_TAR} is missing"),
                                               ((VAL_TAR,), f"{TRAIN_TAR} is missing")])

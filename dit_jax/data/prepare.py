@@ -262,6 +262,8 @@ def _run(values: flags.FlagValues, argv: Sequence[str]) -> None:
   manual_dir = fs.absolute(os.path.expanduser(values.manual_dir)) if values.manual_dir else None
   if manual_dir and not fs.is_dir(manual_dir):
     raise cli.UserError(f"--manual_dir: no directory {manual_dir}")
+  if fs.is_local(data_dir) and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise cli.UserError(f"--data_dir: {data_dir} is a file, not a directory")
   check_name(name)  # these two are fast: before TensorFlow loads
   if is_imagenet(name):
     check_imagenet_tars(manual_dir or manual_dir_of(data_dir))
