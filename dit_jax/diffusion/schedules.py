@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")  # the names get_named_beta_schedule knows
+
 
 def betas_for_alpha_bar(num_diffusion_timesteps: int,
                         alpha_bar: Callable[[float], float],

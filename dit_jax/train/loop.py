@@ -10,11 +10,11 @@ import jax
 import numpy as np
 
 from dit_jax import checkpoints as params_io
-from dit_jax import cli, fs, samplers
+from dit_jax import cli, fs
 from dit_jax.data import to_global
 from dit_jax.diffusion import Process, process_from_config
 from dit_jax.models import DiT, build_model, model_from_config
-from dit_jax.train import profiling
+from dit_jax.train import config_checks, profiling
 from dit_jax.train import sharding as shd
 from dit_jax.train import resume_check
 from dit_jax.train import state as state_lib
@@ -59,11 +59,12 @@ def setup(config: Any, workdir: str) -> Run:
   if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
     raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   process = process_from_config(config)
-  samplers.get(config.sample.sampler, "config.sample.sampler")  # grids sample with it
+  config_checks.check_config(config, model, process)  # the values used late: grids, the grade
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules, mesh.axis_names)
   check_batch_size(config.batch_size, mesh, rules)
   check_workdir(workdir)
+  config_checks.check_outputs(workdir)  # e.g. a read-only checkpoints/ (a save would hang)
   checkpoint_dir = fs.join(workdir, "checkpoints")
   resuming = fs.is_dir(checkpoint_dir) and any(n.isdigit() for n in fs.listdir(checkpoint_dir))
   if config.init_from and not resuming:  # a resumed run no longer reads init_from
@@ -170,9 +171,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   Returns the last logged training metrics and the final evaluation, if any.
   """
-  # A local path (or a shared mount; orbax wants it absolute) or a gs:// URL.
-  workdir = fs.absolute(workdir)
   with cli.user_errors():  # setup only validates: its failures are the user's to fix
+    if not str(workdir or "").strip():  # fs.absolute would make it the current directory
+      raise ValueError("workdir: empty; name the run's directory (--workdir)")
+    # A local path (or a shared mount; orbax wants it absolute) or a gs:// URL.
+    workdir = fs.absolute(workdir)
     run = setup(config, workdir)
   try:
     with cli.write_errors():  # a full disk: one line naming the file, the run stops
