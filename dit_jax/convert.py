@@ -91,6 +91,9 @@ def read_torch_file(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
     if which not in checkpoint:
       raise ValueError(f"{path}: training checkpoint has no '{which}' entry "
                      f"(has {sorted(checkpoint)})")
+    if not isinstance(checkpoint[which], dict):  # a train.py checkpoint holds state_dicts
+      raise ValueError(f"--torch: {path}: entry '{which}' is a "
+                       f"{type(checkpoint[which]).__name__}, not a state_dict")
     checkpoint = checkpoint[which]
   state = {}
   for key, value in checkpoint.items():
@@ -231,8 +234,19 @@ def _run(values: flags.FlagValues, argv: Sequence[str]) -> None:
     _convert(flag)
 
 
+def _check_direction(flag: dict[str, Any]) -> None:
+  """Refuses flags of both directions at once: running only one of them would silently skip
+  what the other flags asked for."""
+  exporting = [f"--{name}" for name in ("from-checkpoint", "torch-out") if flag[name]]
+  importing = [f"--{name}" for name in ("torch", "out") if flag[name]]
+  if exporting and importing:
+    raise cli.UserError(f"{' '.join(importing)} (import) and {' '.join(exporting)} (export) "
+                        "cannot be given together: run the import and the export separately")
+
+
 def _convert(flag: dict[str, Any]) -> None:
   from dit_jax import checkpoints  # orbax only when writing or reading checkpoints.
+  _check_direction(flag)
   if flag["from-checkpoint"]:
     if not flag["torch-out"]:
       raise cli.UserError("--from-checkpoint needs --torch-out")

@@ -29,7 +29,8 @@ BATCH = 250
 
 
 def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """`arr_0` uint8 [N, H, W, 3] and `arr_1` labels (or None), validated."""
+  """`arr_0` uint8 [N, H, W, 3] (N >= 2: the metrics need a covariance) and `arr_1` labels (or
+  None), validated."""
   with _open_npz(path, "--samples") as data:
     if "arr_0" not in data:
       raise ValueError(f"--samples: {path} has no 'arr_0' (keys {sorted(data.files)})")
@@ -37,6 +38,9 @@ def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"--samples: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
                      f"{list(images.shape)}")
+  if len(images) < 2:
+    raise ValueError(f"--samples: {path} holds {len(images)} image(s); the metrics need at "
+                     "least 2 (a covariance)")
   return images, labels
 
 
@@ -74,39 +78,124 @@ def _chunks(images: np.ndarray, size: int = BATCH) -> Iterator[np.ndarray]:
     yield images[start:start + size]
 
 
-def reference_images(ref: str, image_size: int) -> np.ndarray:
-  """uint8 [N, S, S, 3] from a folder or `tfds:NAME[:SPLIT]`, ADM center-cropped."""
-  from dit_jax.data import make_source
-  from dit_jax.data.preprocess import center_crop_arr
+def _reference_source(ref: str) -> Any:
+  """The data source of a folder or `tfds:NAME[:SPLIT]` reference, opened (which checks it)
+  without reading its images: a wrong --ref is reported before the Inception work."""
+  from dit_jax.data import DatasetNotFoundError, make_source
 
   if ref.startswith("tfds:"):
     name, _, split = ref[len("tfds:"):].partition(":")
-    source = make_source(name, split=split or "train", channels=3)
-  elif fs.is_local(ref) and os.path.isdir(ref):
+    if not name:
+      raise ValueError("--ref: tfds: needs a dataset name (tfds:NAME[:SPLIT])")
+    try:
+      return make_source(name, split=split or "train", channels=3)
+    except DatasetNotFoundError as e:  # not prepared; evaluate has no data_dir of its own
+      message = str(e).replace("config.data.data_dir", "$TFDS_DATA_DIR")
+      raise ValueError(f"--ref: {message}") from e
+    except (ValueError, KeyError) as e:  # the messages name the training config's keys
+      cause = e.__cause__ or e
+      if type(cause).__name__ == "DatasetNotFoundError":  # tfds's own: no builder of that name
+        raise ValueError(f"--ref: {ref}: tfds has no dataset {name!r}") from e
+      raise ValueError(f"--ref: {ref}: {e}") from e
+  if fs.is_local(ref) and os.path.isdir(ref):
     source = make_source("folder", folder=ref)
-  else:  # image folders are read locally only (the folder source lists them with os.walk)
-    raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a local folder nor tfds:NAME")
+    if len(source) < 2:
+      raise ValueError(f"--ref: {ref} holds {len(source)} image(s); the metrics need at least 2")
+    return source
+  # image folders are read locally only (the folder source lists them with os.walk)
+  raise FileNotFoundError(f"--ref: {ref} is neither a .npz, a local folder nor tfds:NAME")
+
+
+def reference_images(ref: str, image_size: int, source: Any = None) -> np.ndarray:
+  """uint8 [N, S, S, 3] from a folder or `tfds:NAME[:SPLIT]` (`source`: already opened by
+  `_reference_source`), ADM center-cropped."""
+  from dit_jax.data.preprocess import center_crop_arr
+
+  source = source if source is not None else _reference_source(ref)
   return np.stack([center_crop_arr(source.get(i)[0], image_size) for i in range(len(source))])
+
+
+def _check_stats(ref: str, stats: dict[str, np.ndarray], mu_key: str, sigma_key: str,
+                 dim: int) -> None:
+  """Reference statistics must be a pair of the features' size: a wrong one would otherwise be
+  found only after all the Inception work, by a message that does not name --ref."""
+  if (mu_key in stats) != (sigma_key in stats):
+    have, lack = (mu_key, sigma_key) if mu_key in stats else (sigma_key, mu_key)
+    raise ValueError(f"--ref: {ref} has {have!r} but not {lack!r}")
+  if mu_key not in stats:
+    return
+  mu, sigma = stats[mu_key], stats[sigma_key]
+  if mu.shape != (dim,) or sigma.shape != (dim, dim):
+    raise ValueError(f"--ref: {ref}: {mu_key!r} and {sigma_key!r} must have shapes [{dim}] and "
+                     f"[{dim}, {dim}] (Inception features), got {list(mu.shape)} and "
+                     f"{list(sigma.shape)}")
+
+
+def read_reference_npz(ref: str) -> tuple[Optional[np.ndarray], dict[str, np.ndarray]]:
+  """(`arr_0` images or None, the statistics `mu`, `sigma`, `mu_s`, `sigma_s` present) of an ADM
+  reference batch, checked before any Inception work."""
+  from dit_jax.eval.inception import POOL3_DIM, SPATIAL_DIM
+
+  with _open_npz(ref, "--ref") as data:
+    if "arr_0" not in data and not ("mu" in data and "sigma" in data):
+      raise ValueError(f"--ref: {ref} has neither 'arr_0' (reference images) nor 'mu' and "
+                       f"'sigma' (reference statistics); keys found: {sorted(data.files)}")
+    stats = {k: _read(data, k, ref) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
+    images = _read(data, "arr_0", ref)
+  _check_stats(ref, stats, "mu", "sigma", POOL3_DIM)
+  _check_stats(ref, stats, "mu_s", "sigma_s", SPATIAL_DIM)
+  if images is not None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"--ref: {ref}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
+                       f"{list(images.shape)}")
+    if len(images) < 2:
+      raise ValueError(f"--ref: {ref}: arr_0 holds {len(images)} image(s); the metrics need at "
+                       "least 2")
+  return images, stats
+
+
+def load_inception(path: str) -> dict:
+  """The FID Inception variables, every failure to read them a ValueError naming --inception."""
+  from dit_jax.eval.inception_convert import load_fid_inception
+  try:
+    return load_fid_inception(path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"--inception: {e}") from e
+
+
+def check_inception_file(path: str) -> None:
+  """The weights file exists: checked with the other inputs, before anything is read."""
+  from dit_jax.eval.inception_convert import FID_WEIGHTS_FILE, FID_WEIGHTS_URL
+  if not fs.exists(path) or fs.is_dir(path):
+    raise FileNotFoundError(
+        f"--inception: no such file {path}; download {FID_WEIGHTS_FILE} (pytorch-fid's FID "
+        f"weights) from {FID_WEIGHTS_URL}; nothing is downloaded automatically")
 
 
 def evaluate_inception(samples: np.ndarray, ref: str, inception_path: str,
                        batch_size: int = BATCH) -> dict[str, Any]:
-  """FID, sFID, Inception Score, precision and recall (ADM evaluator conventions)."""
-  from dit_jax.eval import inception
-  from dit_jax.eval.inception_convert import load_fid_inception
+  """FID, sFID, Inception Score, precision and recall (ADM evaluator conventions).
 
-  variables = load_fid_inception(inception_path)
+  Every input is checked (the reference's keys and shapes, the weights file) before the
+  expensive features are computed.
+  """
+  from dit_jax.eval import inception
+
+  if batch_size <= 0:
+    raise ValueError(f"--batch_size: must be positive, got {batch_size}")
+  check_inception_file(inception_path)
+  ref_images, ref_stats, source = None, {}, None
+  if ref.endswith(".npz"):
+    ref_images, ref_stats = read_reference_npz(ref)
+  else:
+    source = _reference_source(ref)
+  variables = load_inception(inception_path)
+  if source is not None:
+    ref_images = reference_images(ref, samples.shape[1], source)
 
   def features(images: np.ndarray) -> dict[str, np.ndarray]:
     return inception.inception_features(variables, _chunks(images, batch_size), batch_size)
 
-  ref_images, ref_stats = None, {}  # read (and checked) before the expensive features
-  if ref.endswith(".npz"):
-    with _open_npz(ref, "--ref") as data:
-      ref_stats = {k: _read(data, k, ref) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
-      ref_images = _read(data, "arr_0", ref)
-  else:
-    ref_images = reference_images(ref, samples.shape[1])
   sample_feats = features(samples)
   ref_feats = features(ref_images) if ref_images is not None else {}
   if "mu" not in ref_stats:
@@ -128,12 +217,18 @@ def evaluate_inception(samples: np.ndarray, ref: str, inception_path: str,
 
 def evaluate_digits(samples: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, Any]:
   """The digits default's domain metrics: classifier accuracy and Fréchet distance."""
-  from dit_jax.eval.digits import DigitsGrader
+  from dit_jax.eval.digits import NUM_CLASSES, DigitsGrader
 
   if samples.shape[1:3] != (8, 8):
     raise ValueError(f"--samples: digits samples must be 8x8, got {list(samples.shape[1:3])}")
   if labels is None:
     raise ValueError("--samples: digits evaluation needs the conditioning labels in arr_1")
+  if labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"--samples: arr_1 must be integer labels [{len(samples)}] (one per image), "
+                     f"got {labels.dtype} {list(labels.shape)}")
+  if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+    raise ValueError(f"--samples: arr_1 labels must be digit classes in [0, {NUM_CLASSES}), got "
+                     f"range [{labels.min()}, {labels.max()}]")
   grade = DigitsGrader().grade(samples[..., :1], labels)
   return {"num_samples": int(grade["num_samples"]), "accuracy": float(grade["accuracy"]),
           "frechet_distance": float(grade["frechet_distance"])}
@@ -166,6 +261,8 @@ def _evaluate(values: flags.FlagValues, argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {list(argv[1:])}")
   with cli.user_errors(ValueError, OSError):
+    if values.batch_size <= 0:
+      raise ValueError(f"--batch_size: must be positive, got {values.batch_size}")
     if values.out:
       cli.check_new_output("--out", values.out)
     samples, labels = load_samples(values.samples)

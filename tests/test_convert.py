@@ -145,3 +145,31 @@ def test_cli_wrong_model_is_one_clear_error(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ")
   assert "has shape" in lines[0] and "expects" in lines[0]
   assert not (tmp_path / "ckpt").exists()
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The one line of stderr, `error: ...`, of a refused run (no traceback, nothing else)."""
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+def test_training_checkpoint_entry_that_is_not_a_state_dict(tmp_path, official_state):
+  path = tmp_path / "weird.pt"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in official_state.items()}, "ema": 5},
+             path)
+  with pytest.raises(ValueError, match=r"weird\.pt: entry 'ema' is a int, not a state_dict"):
+    read_torch_file(str(path))
+  result = run_cli("--torch", str(path), *TINY_ARGS, "--out", str(tmp_path / "ckpt"))
+  assert "entry 'ema'" in error_line(result) and "weird.pt" in result.stderr
+  assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_and_export_flags_together_are_refused(tmp_path):
+  result = run_cli("--torch", str(fixture_path("dit_reference", "tiny_dit.pt")), *TINY_ARGS,
+                   "--out", str(tmp_path / "ckpt"), "--from-checkpoint", str(tmp_path / "c"),
+                   "--torch-out", str(tmp_path / "back.pt"))
+  line = error_line(result)
+  assert "--torch --out (import)" in line and "--from-checkpoint --torch-out (export)" in line
+  assert not list(tmp_path.iterdir())

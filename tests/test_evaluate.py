@@ -117,3 +117,89 @@ def test_bad_inputs_give_clear_errors(tmp_path):
                     str(tmp_path / "taken.json"))
   assert result.returncode != 0 and "refusing to overwrite" in result.stderr
   assert (tmp_path / "taken.json").read_text() == "{}"
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The one line of stderr, `error: ...`, of a refused run (no traceback, nothing else)."""
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+def refused(capsys, *args: str) -> str:
+  """The one `error:` line of `evaluate.main(args)` run in this process (faster than a
+  subprocess: every case here is refused before JAX or Inception work)."""
+  from dit_jax import evaluate
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(list(args))
+  assert exit_info.value.code == 1
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+@pytest.fixture(name="inputs")
+def _inputs(tmp_path):
+  """A valid samples/reference .npz, an unreadable weights file, and an --out path."""
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8), arr_1=np.arange(4))
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(np.random.default_rng(0).bytes(1000))
+  return tmp_path, str(samples), str(junk), str(tmp_path / "out.json")
+
+
+def test_unreadable_inception_file_is_one_line(inputs):
+  tmp, samples, junk, out = inputs
+  line = error_line(run_eval("--samples", samples, "--ref", samples, "--inception", junk,
+                             "--out", out))
+  assert line.startswith(f"error: --inception: {junk} is not a PyTorch weights file"), line
+  assert not (tmp / "out.json").exists()
+
+
+def test_reference_is_checked_before_inception(inputs, capsys):
+  tmp, samples, junk, out = inputs
+  common = ("--samples", samples, "--inception", junk, "--out", out)
+  line = refused(capsys, *common, "--ref", str(tmp / "nonexist.npz"))
+  assert line == f"error: --ref: no such file {tmp / 'nonexist.npz'}"
+  wrong_key = tmp / "wrongkey.npz"
+  np.savez(wrong_key, images=np.zeros((4, 8, 8, 3), np.uint8))
+  line = refused(capsys, *common, "--ref", str(wrong_key))
+  assert line.startswith(f"error: --ref: {wrong_key} has neither 'arr_0'"), line
+  assert "keys found: ['images']" in line
+  wrong_mu = tmp / "wrongmu.npz"
+  np.savez(wrong_mu, mu=np.zeros(64), sigma=np.eye(64))
+  line = refused(capsys, *common, "--ref", str(wrong_mu))
+  assert line.startswith(f"error: --ref: {wrong_mu}: 'mu' and 'sigma' must have shapes [2048]")
+  half = tmp / "half.npz"
+  np.savez(half, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu_s=np.zeros(2023))
+  assert "has 'mu_s' but not 'sigma_s'" in refused(capsys, *common, "--ref", str(half))
+  assert "--ref: " in refused(capsys, *common, "--ref", str(tmp / "no_folder"))
+  assert not (tmp / "out.json").exists()
+
+
+def test_unknown_tfds_reference_names_ref(inputs, capsys):
+  _, samples, junk, _ = inputs
+  line = refused(capsys, "--samples", samples, "--inception", junk, "--ref", "tfds:bogusds")
+  assert line == "error: --ref: tfds:bogusds: tfds has no dataset 'bogusds'", line
+
+
+def test_batch_size_and_samples_are_checked(inputs, capsys):
+  tmp, samples, junk, out = inputs
+  for ref in ("digits", samples):
+    for size in ("0", "-1"):
+      line = refused(capsys, "--samples", samples, "--ref", ref, "--inception", junk,
+                     "--batch_size", size, "--out", out)
+      assert line == f"error: --batch_size: must be positive, got {size}"
+  bad_labels = tmp / "labels.npz"
+  np.savez(bad_labels, arr_0=np.zeros((4, 8, 8, 3), np.uint8), arr_1=np.array([0, 1, 2, 10]))
+  line = refused(capsys, "--samples", str(bad_labels), "--ref", "digits", "--out", out)
+  assert line == ("error: --samples: arr_1 labels must be digit classes in [0, 10), got range "
+                  "[0, 10]")
+  empty = tmp / "empty.npz"
+  np.savez(empty, arr_0=np.zeros((0, 8, 8, 3), np.uint8), arr_1=np.zeros(0, np.int64))
+  for ref in ("digits", samples):
+    line = refused(capsys, "--samples", str(empty), "--ref", ref, "--inception", junk)
+    assert line.startswith(f"error: --samples: {empty} holds 0 image(s)"), line
+  assert not (tmp / "out.json").exists()

@@ -335,3 +335,43 @@ def test_record_round_trip_and_length_check():
   np.testing.assert_array_equal(decoded, moments.astype(np.float16))
   with pytest.raises(ValueError, match="expected"):
     decode_record(record, (3, 5, 2), "float32")
+
+
+def test_resume_keeps_the_stored_chunk_size_and_says_so(extracted, image_folder, tmp_path,
+                                                         caplog):
+  out = str(tmp_path / "rechunked")
+  shutil.copytree(extracted, out)
+  os.remove(chunk_path(out, 2))
+  os.remove(os.path.join(out, "metadata.json"))
+  with caplog.at_level("WARNING"):
+    result = extract_from_config(make_config(image_folder), vae_dir(), out, batch_size=4,
+                                 chunk_size=8, progress=False)
+  assert (result.written, result.skipped, result.complete) == ((2,), (0, 1), True)
+  assert f"--chunk_size: {out} was begun with chunks of 4 examples; resuming with them" in (
+      caplog.text)
+  assert LatentSource(out).metadata["chunk_size"] == 4
+
+
+def test_out_that_is_a_file_and_damaged_json_name_the_file(extracted, image_folder, tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("mine")
+  result = run_cli(f"--config=configs/folder.py:{image_folder},{IMAGE_SIZE},2", "--vae",
+                   vae_dir(), "--out", str(afile), *CLI_FLAGS)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines[-1] == f"error: --out: {afile} is a file, not a directory", lines
+  assert afile.read_text() == "mine"
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(extracted, damaged)
+  with open(os.path.join(damaged, "metadata.json"), "w") as f:
+    f.write("{'format': 1}")
+  with pytest.raises(ValueError, match=r"damaged/metadata\.json: not valid JSON \(Expecting "):
+    LatentSource(damaged)
+  bad_vae = tmp_path / "bad_vae"
+  shutil.copytree(vae_dir(), bad_vae)
+  (bad_vae / "config.json").write_text("{'_class_name': 'AutoencoderKL'}")
+  with pytest.raises(ValueError, match=r"bad_vae/config\.json: not valid JSON \(Expecting "):
+    load_diffusers_vae(str(bad_vae))
+  (bad_vae / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+    VAEConfig.from_json(str(bad_vae))

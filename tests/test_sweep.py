@@ -3,6 +3,7 @@ printed train.py commands parsed back into the same configs, one-line refusals b
 is written, the table read from workdirs, the figure, and a real sweep of three tiny points on
 digits (the table, the plot, a re-run that trains nothing)."""
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -411,18 +412,74 @@ def test_sigterm_stops_the_running_points_at_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_point_is_one_line_naming_it_and_the_trainers_error(tmp_path, capsys):
-  # The trainer refuses this point in its setup (grading needs a 10-class model): the sweep
-  # cannot know that from the config alone, so the point runs and fails.
+def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path, capsys):
+  # The trainer refuses the second point when it opens the data (a folder dataset without its
+  # folder): the sweep cannot know that from the config alone, so the point runs and fails,
+  # while the first trains and gets its row of the table and the figure.
   config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
-                        + "def get_hyper(h):\n  return h.sweep('config.model.num_classes', [5])\n")
+                        + "def get_hyper(h):\n  return h.sweep('config.data.name', "
+                        "['digits', 'folder'])\n")
   workdir = tmp_path / "sweep"
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
-  log = workdir / "logs" / "num_classes=5.log"
-  assert line == ("error: 1 of 1 points failed: num_classes=5: exit 1: error: config.eval.digits: "
-                  f"grading needs an 8x8x1, 10-class digits model (log: {log}); rerun the same "
-                  "command to retry them")
-  [row] = json.loads((workdir / "results.json").read_text())["points"]
-  assert row["status"] == "failed" and row["step"] is None and row["final_loss"] is None
-  [timing] = results.read_timings(str(workdir))
-  assert timing["name"] == "num_classes=5" and timing["returncode"] == 1
+  log = workdir / "logs" / "name=folder.log"
+  assert line == ("error: 1 of 2 points failed: name=folder: exit 1: error: config.data.name="
+                  "'folder' needs config.data.folder (the image folder) "
+                  f"(log: {log}); rerun the same command to retry them")
+  good, bad = json.loads((workdir / "results.json").read_text())["points"]
+  assert good["status"] == "finished" and good["step"] == 4 and good["params"] > 0
+  assert bad["status"] == "failed" and bad["step"] is None and bad["final_loss"] is None
+  assert (workdir / "results.csv").exists() and (workdir / "scaling.png").exists()
+  timings = results.read_timings(str(workdir))
+  assert [(t["name"], t["returncode"]) for t in timings] == [("name=digits", 0),
+                                                            ("name=folder", 1)]
+
+
+def test_an_untrainable_point_is_refused_before_any_training(tmp_path, capsys):
+  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
+                        + "def get_hyper(h):\n  return h.sweep('config.model.num_heads', "
+                        "[2, 3])\n")
+  workdir = tmp_path / "w"
+  line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
+  assert line == ("error: get_hyper: point num_heads=3: config.model: hidden_size: 16 is not "
+                  "divisible by num_heads=3; no point was trained"), line
+  line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir),
+                                 "--print_commands"])
+  assert line.startswith("error: get_hyper: point num_heads=3: "), line
+  assert not workdir.exists()
+  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
+                        + "def get_hyper(h):\n  return h.sweep('config.batch_size', [16, 0])\n")
+  line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
+  assert line == ("error: get_hyper: point batch_size=0: config.batch_size: must be positive, "
+                  "got 0; no point was trained"), line
+  assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys):
+  config, afile = write_config(tmp_path, TINY_CONFIG), tmp_path / "afile"
+  afile.write_text("mine")
+  line = run_main_error(capsys, ["--config", config, "--workdir", str(afile)])
+  assert line == f"error: --workdir: {afile} is a file, not a directory"
+  assert afile.read_text() == "mine"
+
+
+def test_the_table_keeps_a_point_whose_model_cannot_be_built(tmp_path):
+  the_plan = plan.make_plan(write_config(tmp_path, TINY_CONFIG), str(tmp_path / "w"))
+  first, second, third = the_plan.points
+  fake_run(pathlib.Path(first.workdir), [4], [{"step": s, "train/loss": 1.0} for s in (1, 4)]
+           + [{"step": 4, "eval/digits_accuracy": 0.5, "eval/digits_frechet_distance": 2.0}])
+  bad_config = second.config.copy_and_resolve_references()
+  with bad_config.unlocked():
+    bad_config.model.num_heads = 3  # as a plan written before points were checked
+  bad = dataclasses.replace(second, config=bad_config)
+  the_plan = dataclasses.replace(the_plan, points=(first, bad, third))
+  (tmp_path / "w").mkdir(exist_ok=True)
+  (tmp_path / "w" / results.TIMINGS_FILE).write_text(
+      json.dumps({"name": bad.name, "seconds": 1.0, "returncode": 1}) + "\n")
+  rows = results.collect(the_plan)
+  assert [r["status"] for r in rows] == ["finished", "failed", "not started"]
+  assert rows[1]["params"] is None and "num_heads=3" in rows[1]["error"]
+  csv_path, _ = results.write(the_plan, rows)
+  assert len(list(csv.DictReader(open(csv_path)))) == 3
+  table = results.markdown_table(rows, ["model.hidden_size", "model.patch_size"])
+  assert "| 32 (failed) | 4 | - | - | - |" in table
+  assert plots.figure_png(rows, ["model.hidden_size", "model.patch_size"]) is not None

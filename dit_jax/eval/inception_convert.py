@@ -123,7 +123,7 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
 
   Raises:
     FileNotFoundError: the file does not exist (it is never downloaded automatically).
-    ValueError: the file is not a state_dict of the FID InceptionV3.
+    ValueError: the file is not a readable state_dict of the FID InceptionV3.
   """
   path = os.fspath(path)
   if not fs.exists(path) or fs.is_dir(path):
@@ -132,8 +132,15 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
         f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its path (local or "
         "gs://); nothing is downloaded automatically.")
   torch = cli.import_torch(f"{path}: reading the .pth weights")  # only this needs torch.
-  state_dict = torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu",
-                          weights_only=True)
+  data = fs.read_bytes(path)
+  try:
+    state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+  # torch reports a foreign or damaged file with many types (UnpicklingError, EOFError,
+  # RuntimeError, ...), and advises weights_only=False: unsafe for a file of unknown origin.
+  except Exception as e:  # pylint: disable=broad-except
+    empty = " (it is empty)" if not data else ""
+    raise ValueError(f"{path} is not a PyTorch weights file{empty}: expected pytorch-fid's "
+                     f"{FID_WEIGHTS_FILE} (truncated, damaged or another format?)") from e
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
   return convert_state_dict(state_dict)

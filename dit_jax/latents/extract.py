@@ -38,7 +38,7 @@ def main(argv):
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   from dit_jax.latents.extraction import check_not_complete, extract_from_config
-  with cli.user_errors(FileExistsError):
+  with cli.user_errors(FileExistsError, NotADirectoryError):
     check_not_complete(FLAGS.out)  # a finished directory fails fast, before any setup.
   cli.start_distributed()
   # Bad input (the data, the VAE, the batch size, a directory begun with other settings).

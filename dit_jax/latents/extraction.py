@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Data-config fields that decide which images are read; a rerun must agree on them.
 _DATA_IDENTITY = ("name", "folder", "split", "channels")
-# Plan fields a rerun must agree on (chunk_size is taken from the existing plan instead).
+# Plan fields a rerun must agree on. chunk_size is taken from the existing plan instead, with a
+# warning: the chunk files are cut with it, and a rerun may legitimately change --batch_size
+# (another machine), which rounds the requested chunk size differently.
 _PLAN_IDENTITY = ("format", "num_examples", "num_classes", "latent_shape", "dtype", "image_size",
                   "vae_config", "vae_params_sha256")
 
@@ -69,7 +71,10 @@ def params_fingerprint(params: Any) -> str:
 
 
 def check_not_complete(out_dir: str) -> None:
-  """Raises FileExistsError when `out_dir` already holds a complete latent dataset."""
+  """Raises FileExistsError when `out_dir` already holds a complete latent dataset, and
+  NotADirectoryError when it is a file (makedirs would say only `File exists`)."""
+  if fs.exists(out_dir) and not fs.is_dir(out_dir):
+    raise NotADirectoryError(f"--out: {out_dir} is a file, not a directory")
   if fs.exists(fs.join(out_dir, records.METADATA_NAME)):
     raise FileExistsError(
         f"{out_dir} already holds a complete latent dataset ({records.METADATA_NAME} exists); "
@@ -100,8 +105,9 @@ def _prepare_plan(out_dir: str, requested: dict[str, Any]) -> dict[str, Any]:
         f"{out_dir} holds an unfinished extraction with other settings ({details}). Finish it "
         "with the same settings, or delete it / choose another --out.")
   if existing["chunk_size"] != requested["chunk_size"]:
-    logger.info("resuming %s with its chunk size %d (requested %d)", out_dir,
-                existing["chunk_size"], requested["chunk_size"])
+    logger.warning("--chunk_size: %s was begun with chunks of %d examples; resuming with them "
+                   "(this run's --chunk_size and --batch_size ask for %d, which applies only to "
+                   "a new --out)", out_dir, existing["chunk_size"], requested["chunk_size"])
   return existing
 
 

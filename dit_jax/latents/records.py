@@ -117,4 +117,12 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> dict[str, Any]:
-  return json.loads(fs.read_text(path))
+  """The JSON object in `path`; a damaged file is a ValueError naming it (json's own message
+  says where in the file, but not which file)."""
+  try:
+    obj = json.loads(fs.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+  return obj

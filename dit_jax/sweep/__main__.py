@@ -50,6 +50,9 @@ def _sweep(values: flags.FlagValues, argv: Sequence[str]) -> None:
   logs.setup()
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {list(argv[1:])}")
+  from dit_jax import fs  # pylint: disable=import-outside-toplevel
+  if fs.exists(values.workdir) and not fs.is_dir(values.workdir):
+    raise cli.UserError(f"--workdir: {values.workdir} is a file, not a directory")
   from dit_jax.sweep import plan as plan_lib  # pylint: disable=import-outside-toplevel
   config_flag = values["config"]
   plan = plan_lib.make_plan(config_flags.get_config_filename(config_flag), values.workdir,

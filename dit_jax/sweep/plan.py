@@ -116,7 +116,8 @@ def make_plan(config_spec: str, workdir: str,
 
   Raises:
     cli.UserError: no get_hyper, a malformed grid, a swept key the config lacks, a value of the
-      wrong type or that a command line cannot carry, two points with the same overrides.
+      wrong type or that a command line cannot carry, two points with the same overrides, a
+      point whose config train.py would refuse (`check_trainable`).
   """
   base_overrides = dict(base_overrides or {})
   get_hyper = getattr(cli.load_config_module(config_spec), "get_hyper", None)
@@ -145,6 +146,7 @@ def make_plan(config_spec: str, workdir: str,
     point_dir = fs.join(workdir, name)
     args = train_args(config_spec, point_dir, {**base_overrides, **overrides})
     config = _checked_config(base, {**base_overrides, **overrides}, args)
+    check_trainable(name, config)
     points.append(Point(name, overrides, point_dir, args, config))
   return Plan(config_spec, base_overrides, workdir, tuple(points))
 
@@ -167,6 +169,38 @@ def _check_keys(base: Any, grid: list[dict[str, Any]], base_overrides: dict[str,
       if value is None:
         raise cli.UserError(f"get_hyper: config.{key}=None: a train.py command line cannot "
                             "set None")
+
+
+def check_trainable(name: str, config: Any) -> None:
+  """Refuses a point whose config train.py's setup would refuse by its cheap checks (the model,
+  the positive counts, the digits grade, the diffusion, sampling and optimizer values): one bad
+  point would otherwise fail in its own log only after the others trained. Nothing here
+  compiles, reads data or touches the workdir.
+
+  Raises:
+    cli.UserError: naming the point and the config field.
+  """
+  # pylint: disable=import-outside-toplevel
+  from dit_jax.diffusion import process_from_config
+  from dit_jax.models import build_model
+  from dit_jax.train import config_checks
+  try:
+    try:
+      model = build_model(config.model)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"config.model: {e}" if not str(e).startswith("config.") else str(e)) from e
+    # The first checks of `dit_jax.train.loop.setup`, in its order.
+    for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("log_every_steps", config.log_every_steps),
+                       ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
+      if value <= 0:
+        raise ValueError(f"config.{key}: must be positive, got {value}")
+    if config.eval.digits and (model.input_size, model.in_channels,
+                               model.num_classes) != (8, 1, 10):
+      raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
+    config_checks.check_config(config, model, process_from_config(config))
+  except (ValueError, TypeError, KeyError) as e:
+    raise cli.UserError(f"get_hyper: point {name}: {e}; no point was trained") from e
 
 
 def _checked_config(base: Any, overrides: dict[str, Any], args: Sequence[str]) -> Any:

@@ -87,10 +87,17 @@ def point_row(point: Point, timings: Sequence[dict[str, Any]],
     status = "failed"
   else:
     status = "not started" if step is None else "incomplete"
-  row = {"name": point.name, **point.overrides, "status": status,
-         **_model_columns(config, {} if cache is None else cache)}
+  row = {"name": point.name, **point.overrides, "status": status}
+  try:
+    row.update(_model_columns(config, {} if cache is None else cache))
+  except (ValueError, TypeError) as e:  # a point the trainer refused: the table still has it
+    row.update(dict.fromkeys(("depth", "hidden_size", "patch_size", "tokens", "params",
+                              "gflops")))
+    row["status"] = "failed" if status != "finished" else status
+    row["error"] = f"config.model: {e}"
   row.update(batch_size=config.batch_size, num_steps=config.num_steps, step=step)
-  row["train_gflops"] = row["gflops"] * config.batch_size * config.num_steps * 3
+  row["train_gflops"] = (row["gflops"] * config.batch_size * config.num_steps * 3
+                         if row["gflops"] is not None else None)
   losses = [r["train/loss"] for r in rows if "train/loss" in r
             and r["step"] > config.num_steps * (1 - LOSS_TAIL) and r["step"] <= (step or 0)]
   row["final_loss"] = sum(losses) / len(losses) if losses else None
@@ -108,8 +115,16 @@ def point_row(point: Point, timings: Sequence[dict[str, Any]],
 
 
 def collect(plan: Plan) -> list[dict[str, Any]]:
-  timings, cache = read_timings(plan.workdir), {}
-  return [point_row(p, timings, cache) for p in plan.points]
+  """Every point's row; a point whose files cannot be read gets a row saying why, so that one
+  failed point never costs the others' table."""
+  timings, cache, rows = read_timings(plan.workdir), {}, []
+  for point in plan.points:
+    try:
+      rows.append(point_row(point, timings, cache))
+    except (ValueError, TypeError, KeyError, OSError) as e:
+      rows.append({"name": point.name, **point.overrides, "status": "unreadable",
+                   "error": f"{type(e).__name__}: {e}", "workdir": point.workdir})
+  return rows
 
 
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -148,12 +163,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     cells = [str(row.get(k)) for k in swept]
-    compute = row["train_gflops"]
-    cells += [f"{row['params']:,}", f"{row['gflops']:.3g}",
-              f"{compute:,.0f}" if compute >= 100 else f"{compute:.3g}",
+    compute = row.get("train_gflops")
+    cells += [_fmt(row.get("params"), "{:,}"), _fmt(row.get("gflops"), "{:.3g}"),
+              _fmt(compute, "{:,.0f}" if compute is not None and compute >= 100 else "{:.3g}"),
               _fmt(row.get("final_loss"), "{:.4f}")]
     cells += [_fmt(row.get(m), "{:.1%}" if m == "digits_accuracy" else "{:.2f}") for m in quality]
     cells.append(_duration(row.get("train_seconds")))
+    if cells and row.get("error"):
+      cells[0] += f" ({row['status']})"  # why its other cells are empty
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

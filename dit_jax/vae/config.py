@@ -93,7 +93,14 @@ class VAEConfig:
     """Reads a diffusers `config.json` (a file, or a folder holding one; local or a URL)."""
     if fs.is_dir(path):
       path = fs.join(path, "config.json")
-    return cls.from_dict(json.loads(fs.read_text(path)))
+    try:  # json's own message says where in the file, but not which file
+      raw = json.loads(fs.read_text(path))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+      raise ValueError(f"{path}: expected a JSON object of AutoencoderKL settings, got a "
+                       f"{type(raw).__name__}")
+    return cls.from_dict(raw)
 
   def to_dict(self) -> dict[str, Any]:
     """The diffusers `config.json` contents (with `_class_name`)."""
