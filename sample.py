@@ -55,23 +55,18 @@ def main(argv):
   import jax
   from dit_jax import checkpoints, fs, generate, images
 
+  with cli.user_errors(ValueError):  # before anything is read, loaded or written
+    generate.check_flags(**{name: getattr(FLAGS, name) for name in generate.CHECKED_FLAGS})
   # Not a checkpoint, no such step, or none that reads (unreadable steps are reported, skipped).
   with cli.user_errors(FileNotFoundError, ValueError), \
        checkpoints.Reader(FLAGS.checkpoint) as reader:
-    arch = reader.config(FLAGS.step)[0].get("model", {})
-    if arch.get("in_channels") not in (1, 3) and not FLAGS.vae:
-      raise cli.UserError("--vae: this latent-space model needs the VAE to make images (a "
-                          "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")
-    classes = FLAGS.classes or []
-    if not all(c.isdigit() and int(c) < arch.get("num_classes", 0) for c in classes):
-      raise cli.UserError(f"--classes: {','.join(classes)}: class ids must lie in "
-                          f"[0, {arch.get('num_classes')})")
+    config, step = reader.config(FLAGS.step)
+    classes = generate.check_architecture(config.get("model", {}), FLAGS.classes, FLAGS.vae)
     model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
   with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
     sampler, num_steps, options = generate.sampler_from_flags(
         process, FLAGS.sampler, FLAGS.num_steps,
         {name: getattr(FLAGS, name) for name in OPTION_FLAGS})
-  pixel_space = model.in_channels in (1, 3)
   with cli.user_errors(FileNotFoundError, ValueError):  # no such VAE folder, or not a VAE
     decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
   spec = generate.SamplingSpec(
@@ -79,9 +74,14 @@ def main(argv):
       cfg_scale=FLAGS.cfg_scale,
       guidance_channels=3 if FLAGS.guidance == "official" and model.in_channels >= 3 else None,
       eta=FLAGS.eta, seed=FLAGS.seed,
-      clip_denoised=pixel_space if FLAGS.clip_denoised is None else FLAGS.clip_denoised)
+      clip_denoised=(model.in_channels in (1, 3) if FLAGS.clip_denoised is None
+                     else FLAGS.clip_denoised))
+  if FLAGS.npz:  # held before the grid: another run's folder, or other settings, are refused
+    with cli.user_errors(FileExistsError, ValueError):
+      parts = generate.NpzParts(FLAGS.npz, generate.npz_settings(
+          spec, FLAGS.num_samples, FLAGS.batch_size, checkpoint=reader.directory, step=step,
+          use_ema=FLAGS.use_ema, vae=FLAGS.vae and fs.absolute(FLAGS.vae)))
   if FLAGS.out:
-    classes = [int(c) for c in classes] or list(range(min(10, model.num_classes)))
     pixels, grid, nfe = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
                                              decode=decode, return_nfe=True)
     if jax.process_index() == 0:
@@ -91,7 +91,7 @@ def main(argv):
       logging.info("wrote %s (%s, %g model evaluations a sample)", FLAGS.out, sampler, nfe)
   if FLAGS.npz:
     generate.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
-                          batch_size=FLAGS.batch_size, decode=decode)
+                          batch_size=FLAGS.batch_size, decode=decode, parts=parts)
     logging.info("wrote %s", FLAGS.npz)
 
 
