@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from absl import flags
@@ -152,6 +154,30 @@ def test_good_outputs_pass(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("not json is skipped by its reader\n")
   (tmp_path / "config_history.jsonl").write_text(json.dumps({"config": {}}) + "\n\n")
   config_checks.check_outputs(str(tmp_path))
+
+
+def test_failed_async_save_leaves_no_thread_waiting(tmp_path):
+  """A save whose folder cannot be created fails, and leaves no orbax thread behind: one that
+  waited for the folder kept the process alive at exit for 20 minutes (orbax's timeout)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dit_jax.train.checkpointing import Checkpointer, CheckpointWriteError
+  directory = tmp_path / "checkpoints"
+  checkpointer = Checkpointer(str(directory), keep=2, keep_period=None, async_save=True)
+  directory.rmdir()
+  directory.write_text("not a folder")  # after the checks: as a lost mount would be
+  with pytest.raises(CheckpointWriteError, match="could not write step 1"):
+    checkpointer.save(1, {"a": jnp.ones(3)}, {"run": {}})
+    checkpointer.wait()
+  checkpointer.close()
+  deadline = time.time() + 10
+  while time.time() < deadline and _other_threads():
+    time.sleep(0.1)
+  assert not _other_threads()
+
+
+def _other_threads() -> list[threading.Thread]:
+  return [t for t in threading.enumerate()
+          if t is not threading.current_thread() and not t.daemon and t.is_alive()]
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:

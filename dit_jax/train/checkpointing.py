@@ -36,7 +36,11 @@ class Checkpointer:
                async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period or None,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        # Created in save(): a folder that cannot be created fails there, at once. Created in
+        # the background, its failure left orbax's other save threads waiting for it, so that
+        # the process hung at exit for AsyncOptions.timeout_secs (20 minutes).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.directory = directory
     self.skipped: dict[int, str] = {}  # steps that failed to read: step -> why
     self._in_flight: Optional[int] = None  # the step of the save last started
