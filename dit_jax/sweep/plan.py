@@ -189,16 +189,7 @@ def check_trainable(name: str, config: Any) -> None:
       model = build_model(config.model)
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.model: {e}" if not str(e).startswith("config.") else str(e)) from e
-    # The first checks of `dit_jax.train.loop.setup`, in its order.
-    for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
-                       ("log_every_steps", config.log_every_steps),
-                       ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
-      if value <= 0:
-        raise ValueError(f"config.{key}: must be positive, got {value}")
-    if config.eval.digits and (model.input_size, model.in_channels,
-                               model.num_classes) != (8, 1, 10):
-      raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
-    config_checks.check_config(config, model, process_from_config(config))
+    config_checks.check_config(config, model, process_from_config(config))  # as loop.setup
   except (ValueError, TypeError, KeyError) as e:
     raise cli.UserError(f"get_hyper: point {name}: {e}; no point was trained") from e
 

@@ -22,11 +22,23 @@ MAX_SEED = 2**63 - 1  # jax.random.key takes a C long; numpy's generators no neg
 
 def check_config(config: Any, model: DiT, process: Process) -> None:
   """Refuses values that training, checkpointing, sampling or grading cannot use."""
+  check_counts(config)
+  if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
+    raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   check_training(config)
   check_checkpointing(config.checkpoint)
   check_diffusion(config, process)
   check_sampling(config, model, process)
   check_resume_changes(config)
+
+
+def check_counts(config: Any) -> None:
+  """The run's step and batch counts: positive."""
+  for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
+                     ("log_every_steps", config.log_every_steps),
+                     ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
+    if value <= 0:
+      raise ValueError(f"config.{key}: must be positive, got {value}")
 
 
 def _number(value: Any) -> bool:

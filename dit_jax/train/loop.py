@@ -50,16 +50,9 @@ def setup(config: Any, workdir: str) -> Run:
   so a refused run leaves nothing behind.
   """
   model = build_model(config.model)
-  for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
-                     ("log_every_steps", config.log_every_steps),
-                     ("batch_size", config.batch_size), ("num_steps", config.num_steps)):
-    if value <= 0:
-      raise ValueError(f"config.{key}: must be positive, got {value}")
-  profile = profiling.window_from_config(config.profile_steps, config.num_steps)
-  if config.eval.digits and (model.input_size, model.in_channels, model.num_classes) != (8, 1, 10):
-    raise ValueError("config.eval.digits: grading needs an 8x8x1, 10-class digits model")
   process = process_from_config(config)
-  config_checks.check_config(config, model, process)  # the values used late: grids, the grade
+  config_checks.check_config(config, model, process)  # the counts, and values used late
+  profile = profiling.window_from_config(config.profile_steps, config.num_steps)
   mesh = shd.make_mesh(config.mesh.axis_names, config.mesh.axis_sizes)
   rules = shd.rules_from_config(config.axis_rules, mesh.axis_names)
   check_batch_size(config.batch_size, mesh, rules)
