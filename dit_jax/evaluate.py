@@ -35,13 +35,18 @@ def load_samples(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     if "arr_0" not in data:
       raise ValueError(f"--samples: {path} has no 'arr_0' (keys {sorted(data.files)})")
     images, labels = _read(data, "arr_0", path), _read(data, "arr_1", path)
+  _check_images(images, "--samples", path)
+  return images, labels
+
+
+def _check_images(images: np.ndarray, flag: str, path: str) -> None:
+  """`arr_0` of a samples or reference batch: uint8 [N, H, W, 3] with N >= 2 (a covariance)."""
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"--samples: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
+    raise ValueError(f"{flag}: {path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
                      f"{list(images.shape)}")
   if len(images) < 2:
-    raise ValueError(f"--samples: {path} holds {len(images)} image(s); the metrics need at "
+    raise ValueError(f"{flag}: {path}: arr_0 holds {len(images)} image(s); the metrics need at "
                      "least 2 (a covariance)")
-  return images, labels
 
 
 @contextlib.contextmanager
@@ -145,12 +150,7 @@ def read_reference_npz(ref: str) -> tuple[Optional[np.ndarray], dict[str, np.nda
   _check_stats(ref, stats, "mu", "sigma", POOL3_DIM)
   _check_stats(ref, stats, "mu_s", "sigma_s", SPATIAL_DIM)
   if images is not None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"--ref: {ref}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
-                       f"{list(images.shape)}")
-    if len(images) < 2:
-      raise ValueError(f"--ref: {ref}: arr_0 holds {len(images)} image(s); the metrics need at "
-                       "least 2")
+    _check_images(images, "--ref", ref)
   return images, stats
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dit_jax import cli
-from train_utils import ROOT, env_with_devices, train_command
+from train_utils import ROOT, env_with_devices, save_tiny_checkpoint, train_command
 
 
 def run(args, num_devices: int = 1, **env) -> subprocess.CompletedProcess:
@@ -91,14 +91,8 @@ def test_config_key_suggestions():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A step-0 checkpoint of a tiny digits model, as `python -m dit_jax.convert` writes it."""
-  import jax
-  from dit_jax import checkpoints
-  from dit_jax.models import create_model, init_params
-
-  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
-                       hidden_size=32, num_heads=2)
   directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoints.save_params(str(directory), init_params(model, jax.random.key(0)), model)
+  save_tiny_checkpoint(directory)
   return directory
 
 

@@ -98,7 +98,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
   bad = tmp_path / "float.npz"
   np.savez(bad, arr_0=np.zeros((2, 8, 8, 3), np.float32))
   result = run_eval("--samples", str(bad), "--ref", "digits")
-  assert result.returncode != 0 and "--samples: arr_0 must be uint8" in result.stderr
+  assert result.returncode != 0 and f"--samples: {bad}: arr_0 must be uint8" in result.stderr
   gray = tmp_path / "gray.npz"
   np.savez(gray, arr_0=np.zeros((2, 8, 8), np.uint8))
   assert "arr_0 must be uint8 [N, H, W, 3]" in run_eval("--samples", str(gray), "--ref",
@@ -201,5 +201,5 @@ def test_batch_size_and_samples_are_checked(inputs, capsys):
   np.savez(empty, arr_0=np.zeros((0, 8, 8, 3), np.uint8), arr_1=np.zeros(0, np.int64))
   for ref in ("digits", samples):
     line = refused(capsys, "--samples", str(empty), "--ref", ref, "--inception", junk)
-    assert line.startswith(f"error: --samples: {empty} holds 0 image(s)"), line
+    assert line.startswith(f"error: --samples: {empty}: arr_0 holds 0 image(s)"), line
   assert not (tmp / "out.json").exists()

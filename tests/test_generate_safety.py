@@ -14,7 +14,7 @@ import pytest
 from dit_jax import generate
 from dit_jax.models import create_model, init_params
 from dit_jax.train.workdir_lock import LOCK_NAME, WorkdirLock
-from train_utils import ROOT, env_with_devices
+from train_utils import ROOT, env_with_devices, save_tiny_checkpoint
 
 SPEC = generate.SamplingSpec(sampler="ddim", num_steps=2, cfg_scale=2.0, guidance_channels=None,
                              clip_denoised=True, seed=3)
@@ -38,11 +38,8 @@ FAST = ["--sampler=ddim", "--num_steps=2", "--cfg_scale=2"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A step-0 checkpoint of a tiny digits model, as `python -m dit_jax.convert` writes it."""
-  from dit_jax import checkpoints
-  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
-                       hidden_size=32, num_heads=2)
   directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoints.save_params(str(directory), init_params(model, jax.random.key(0)), model)
+  save_tiny_checkpoint(directory)
   return directory
 
 

@@ -23,6 +23,17 @@ TINY_OVERRIDES = {
 }
 
 
+def save_tiny_checkpoint(directory: os.PathLike) -> None:
+  """A step-0 checkpoint of a tiny digits model (depth 1, width 32) in `directory`, as
+  `python -m dit_jax.convert` writes one: for the tests of sample.py's inputs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dit_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from dit_jax.models import create_model, init_params  # pylint: disable=import-outside-toplevel
+  model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                       hidden_size=32, num_heads=2)
+  checkpoints.save_params(str(directory), init_params(model, jax.random.key(0)), model)
+
+
 def train_command(workdir: os.PathLike, config: str = "configs/digits.py",
                   **overrides: Any) -> list[str]:
   values = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
