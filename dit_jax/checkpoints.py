@@ -3,8 +3,8 @@
 Layout: an orbax `CheckpointManager` directory whose step directories hold
   - `config` (JSON): `model` = `DiT.arch_config()`, so that a later tool rebuilds the model from
     the checkpoint alone; `process` = the process (`Process.to_dict`) the weights were trained
-    for, which sampling must use; a training checkpoint adds `run` (the whole run config), an imported one
-    where its weights came from;
+    for, which sampling must use; a training checkpoint adds `run` (the whole run config), an
+    imported one where its weights came from;
   - `params`: a parameter tree in the unscanned layout (`save_params`: `python -m
     dit_jax.convert` writes one at step 0), or `state`: a TrainState (a training checkpoint,
     written through `write_state` by `dit_jax.train.checkpointing`), whose `params` or
