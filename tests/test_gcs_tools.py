@@ -57,7 +57,9 @@ def test_npz_writer_on_gcs_resumes_and_matches_local(gcs_bucket, tmp_path):
   run(local)
   run(remote, keep_parts=True)
   assert fs.read_bytes(remote) == fs.read_bytes(local)  # byte for byte
-  assert fs.listdir(remote + ".parts") == [f"part_00000{i}.npz" for i in range(3)]
+  kept = fs.listdir(remote + ".parts")  # the parts, and the settings they were drawn with
+  assert [n for n in kept if n.startswith("part_")] == [f"part_00000{i}.npz" for i in range(3)]
+  assert generate.SETTINGS_NAME in kept
   # An interruption: a part and the final file lost; the rerun redraws exactly that part.
   fs.remove(remote)
   fs.remove(fs.join(remote + ".parts", "part_000001.npz"))

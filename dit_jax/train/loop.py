@@ -188,9 +188,9 @@ def _train(run: Run, config: Any, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
   resume_check.record(workdir, start_step, config, run.resumed_config)
   if start_step >= config.num_steps:
-    logging.warning("config.num_steps=%d: the checkpoint is at step %d already; nothing to "
-                    "train%s", config.num_steps, start_step,
-                    f", grading step {start_step}" if config.eval.digits else "")
+    logging.info("config.num_steps=%d: the checkpoint is at step %d already; nothing to "
+                 "train%s", config.num_steps, start_step,
+                 f", grading step {start_step}" if config.eval.digits else "")
   p_step = compile_step(run, config) if start_step < config.num_steps else None
   decode = None
   if config.vae.path and run.model.in_channels not in (1, 3):
