@@ -165,11 +165,11 @@ def load_inception(path: str) -> dict:
 
 def check_inception_file(path: str) -> None:
   """The weights file exists: checked with the other inputs, before anything is read."""
-  from dit_jax.eval.inception_convert import FID_WEIGHTS_FILE, FID_WEIGHTS_URL
-  if not fs.exists(path) or fs.is_dir(path):
-    raise FileNotFoundError(
-        f"--inception: no such file {path}; download {FID_WEIGHTS_FILE} (pytorch-fid's FID "
-        f"weights) from {FID_WEIGHTS_URL}; nothing is downloaded automatically")
+  from dit_jax.eval.inception_convert import check_weights_file
+  try:
+    check_weights_file(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"--inception: {e}") from e
 
 
 def evaluate_inception(samples: np.ndarray, ref: str, inception_path: str,

@@ -4,7 +4,6 @@ import functools
 import io
 import json
 import math
-import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -310,10 +309,9 @@ class NpzParts:
     try:
       self._lock = workdir_lock.lock_workdir(self.dir)
     except workdir_lock.WorkdirBusyError as e:
-      holder = re.search(r"\((host [^)]*)\)", str(e))
       raise ValueError(
           f"--npz: {out_path} is being written by another run"
-          f"{f' ({holder.group(1)})' if holder else ''}, which holds {self.dir}; wait for it "
+          f"{f' ({e.holder})' if e.holder else ''}, which holds {self.dir}; wait for it "
           "to end, or give another --npz. Nothing was written.") from None
     try:
       if fs.exists(out_path):  # completed by a run that held the lock a moment ago

@@ -112,6 +112,16 @@ def convert_state_dict(state_dict: Mapping[str, object]) -> dict:
   return flax.traverse_util.unflatten_dict(converted)
 
 
+def check_weights_file(path: str) -> None:
+  """FileNotFoundError unless `path` is a file (the weights are never downloaded automatically).
+  """
+  if not fs.exists(path) or fs.is_dir(path):
+    raise FileNotFoundError(
+        f"FID Inception weights not found at {path!r}. Download {FID_WEIGHTS_FILE} "
+        f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its path (local or "
+        "gs://); nothing is downloaded automatically.")
+
+
 def load_fid_inception(path: str | os.PathLike) -> dict:
   """Reads `pt_inception-2015-12-05-6726825d.pth` and converts it (see `convert_state_dict`).
 
@@ -126,11 +136,7 @@ def load_fid_inception(path: str | os.PathLike) -> dict:
     ValueError: the file is not a readable state_dict of the FID InceptionV3.
   """
   path = os.fspath(path)
-  if not fs.exists(path) or fs.is_dir(path):
-    raise FileNotFoundError(
-        f"FID Inception weights not found at {path!r}. Download {FID_WEIGHTS_FILE} "
-        f"(pytorch-fid's FID weights) from {FID_WEIGHTS_URL} and pass its path (local or "
-        "gs://); nothing is downloaded automatically.")
+  check_weights_file(path)
   torch = cli.import_torch(f"{path}: reading the .pth weights")  # only this needs torch.
   data = fs.read_bytes(path)
   try:

@@ -43,7 +43,12 @@ SETTLE_SECONDS = 2.0  # after writing the lock, wait this long before reading it
 
 
 class WorkdirBusyError(ValueError):
-  """Another live run holds the workdir."""
+  """Another live run holds the workdir; `holder` describes it (host, pid, start time), for a
+  caller that words its own refusal (`dit_jax.generate.NpzParts`)."""
+
+  def __init__(self, message: str, holder: str = ""):
+    super().__init__(message)
+    self.holder = holder
 
 
 def _process_start(pid: int) -> Optional[str]:
@@ -75,7 +80,7 @@ def _now() -> str:
 def _busy(workdir: str, holder: dict[str, Any], why: str = "") -> WorkdirBusyError:
   return WorkdirBusyError(
       f"workdir: {workdir} is in use by another run ({_describe(holder)}{why}); wait for it "
-      "to end, or use another --workdir. Nothing was written.")
+      "to end, or use another --workdir. Nothing was written.", _describe(holder))
 
 
 class WorkdirLock:
@@ -199,14 +204,14 @@ def lock_workdir(workdir: str) -> Optional[Union[WorkdirLock, LeaseLock]]:
 
   Returns the lock on process 0, None on the others.
   """
-  lock, refusal = None, ""
+  lock, refusal = None, ["", ""]  # the message and the holder
   if jax.process_index() == 0:
     try:
       lock = WorkdirLock(workdir) if fs.is_local(workdir) else LeaseLock(workdir)
     except WorkdirBusyError as e:
-      refusal = str(e)
+      refusal = [str(e), e.holder]
   if jax.process_count() > 1:
-    refusal = _broadcast_text(refusal)
-  if refusal:
-    raise WorkdirBusyError(refusal)
+    refusal = json.loads(_broadcast_text(json.dumps(refusal)))
+  if refusal[0]:
+    raise WorkdirBusyError(*refusal)
   return lock
