@@ -25,7 +25,8 @@ def test_dense_on_3d_input_equals_flax_dense():
   assert ours.apply(params, x).shape == (3, 5, 6)
 
 
-@pytest.mark.parametrize("head_dim", [8, 9])  # a power-of-two scale and one that is not
+# 16: a power-of-two scale (applied to q); 8 and 9: applied to the logits.
+@pytest.mark.parametrize("head_dim", [8, 9, 16])
 def test_heads_major_attention_equals_jax_attention(head_dim):
   batch, tokens, heads = 2, 7, 3
   qkv = jax.random.normal(jax.random.key(head_dim), (batch, tokens, 3, heads, head_dim))
@@ -47,6 +48,24 @@ def test_heads_major_attention_equals_jax_attention(head_dim):
   np.testing.assert_allclose(got16.astype(np.float32), ref16.astype(np.float32), atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_power_of_two_scale_on_q_gives_the_bits_of_scaled_logits(head_dim, dtype):
+  """Scaling q by a power of two is exact: the same bits as scaling the logits with the same
+  products (jax's own layout sums in another order at 64, so it only matches to rounding)."""
+  qkv = jax.random.normal(jax.random.key(5), (2, 33, 3, 2, head_dim)).astype(dtype)
+  scale = head_dim ** -0.5
+
+  def logits_scaled(qkv):
+    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * jnp.float32(scale), axis=-1).astype(dtype)
+    return jnp.moveaxis(jnp.einsum("bnqk,bnkh->bnqh", probs, v), 1, 2)
+  got = jax.jit(layers.heads_major_attention, static_argnums=1)(qkv, scale)
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(jax.jit(logits_scaled)(qkv), np.float32))
+
+
 def test_softmax_is_jax_softmax_and_its_gradient_too():
   x = 4 * jax.random.normal(jax.random.key(0), (3, 5, 17))
   x = x.at[0, 0].set(jnp.array([80.0] + [-80.0] * 16))  # a saturated row
@@ -60,9 +79,10 @@ def test_softmax_is_jax_softmax_and_its_gradient_too():
   np.testing.assert_allclose(got.sum(-1), 0, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dim", [8, 16])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_heads_major_attention_gradient_equals_jax_attention_gradient(dtype, tol):
-  batch, tokens, heads, head_dim = 2, 7, 3, 8
+def test_heads_major_attention_gradient_equals_jax_attention_gradient(dtype, tol, head_dim):
+  batch, tokens, heads = 2, 7, 3
   qkv = jax.random.normal(jax.random.key(2), (batch, tokens, 3, heads, head_dim)).astype(dtype)
   g = jax.random.normal(jax.random.key(3), (batch, tokens, heads, head_dim)).astype(dtype)
   scale = head_dim ** -0.5
