@@ -2,6 +2,7 @@
 import filecmp
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -300,6 +301,26 @@ def test_latent_source_errors_name_the_directory_and_command(extracted, tmp_path
     LatentSource(broken)
   with LatentSource(extracted) as source, pytest.raises(IndexError):
     source.get(10)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another chunk", "random bytes", "empty"])
+def test_a_damaged_chunk_is_refused_at_open_naming_it(extracted, tmp_path, damage):
+  """Before any batch is read (a training run would only meet it mid-run, in ArrayRecord's
+  words, with no file named)."""
+  broken = str(tmp_path / "broken")
+  shutil.copytree(extracted, broken)
+  path = chunk_path(broken, 1)
+  if damage == "truncated":
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  elif damage == "another chunk":  # the last chunk holds fewer records
+    shutil.copyfile(chunk_path(broken, 2), path)
+  else:
+    with open(path, "wb") as f:
+      f.write(np.random.default_rng(0).bytes(5000) if damage == "random bytes" else b"")
+  with pytest.raises(ValueError, match=rf"(?s)latent chunk {re.escape(path)} is damaged \(.*"
+                                       r"Delete it and metadata.json.*dit_jax.latents.extract"):
+    LatentSource(broken)
 
 
 def test_a_run_reads_the_latents_its_model_takes(extracted, image_folder):

@@ -40,6 +40,8 @@ class LatentSource:
     Raises:
       FileNotFoundError: the directory, its metadata or a chunk file is missing (the message
         names the directory and the command that creates or finishes it).
+      ValueError: a chunk file is damaged: ArrayRecord cannot read it, or it holds another
+        number of records than it should (the message names it and the fix).
       OSError: the local copy of a `gs://` directory does not fit on the disk (ENOSPC).
     """
     directory = os.fspath(directory)
@@ -81,6 +83,8 @@ class LatentSource:
     # Where the chunk files are read: the directory itself, or a local copy of a URL's.
     self.local_dir = directory if fs.is_local(directory) else _local_copy(
         directory, names, metadata, cache_dir)
+    self._command = command
+    self._check_chunks()
     self._readers: list[Any] = [None] * self.num_chunks
     self._lock = threading.Lock()
 
@@ -92,26 +96,66 @@ class LatentSource:
   def __len__(self) -> int:
     return self.num_examples
 
+  def _chunk_records(self, chunk: int) -> int:
+    return min(self.chunk_size, self.num_examples - chunk * self.chunk_size)
+
+  def _damaged(self, chunk: int, what: str) -> ValueError:
+    path = records.chunk_path(self.local_dir, chunk)
+    return ValueError(
+        f"latent chunk {path} is damaged ({what}). Delete it and {records.METADATA_NAME} from "
+        f"{self.directory} and rerun the extraction, which rebuilds the missing chunks:\n"
+        f"    {self._command}")
+
+  def _open(self, chunk: int) -> Any:
+    """A reader of chunk `chunk`, once it holds the number of records it should."""
+    try:
+      reader = array_record_module.ArrayRecordReader(
+          records.chunk_path(self.local_dir, chunk), records.READER_OPTIONS)
+      count = reader.num_records()
+    except (RuntimeError, OSError) as e:  # ArrayRecord's own message names no file
+      raise self._damaged(chunk, f"ArrayRecord cannot read it: {e or type(e).__name__}") from e
+    if count != self._chunk_records(chunk):
+      try:
+        reader.close()
+      except RuntimeError:  # a truncated file's reader may also fail to close
+        pass
+      raise self._damaged(chunk, f"{count} records, expected {self._chunk_records(chunk)}")
+    return reader
+
+  def _check_chunks(self) -> None:
+    """Opens every chunk once, before any training: a truncated or foreign file is refused
+    here, naming it, and not when a batch first reads it (ArrayRecord reads only a file's
+    footer to open it: about a millisecond a chunk)."""
+    for chunk in range(self.num_chunks):
+      self._open(chunk).close()
+
   def _reader(self, chunk: int) -> Any:
     reader = self._readers[chunk]
     if reader is None:
       with self._lock:  # two threads must not both open (and leak) a reader.
         reader = self._readers[chunk]
         if reader is None:
-          reader = array_record_module.ArrayRecordReader(
-              records.chunk_path(self.local_dir, chunk), records.READER_OPTIONS)
+          reader = self._open(chunk)
           self._readers[chunk] = reader
     return reader
 
   def read(self, index: int) -> tuple[np.ndarray, int]:
     """The stored record of example `index`: moments `[2, h, w, 2c]` (original, flipped) in the
-    stored dtype (a read-only view), and the label."""
+    stored dtype (a read-only view), and the label.
+
+    Raises:
+      ValueError: the example's chunk file is damaged (the message names it and the fix).
+    """
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f"example {index} outside [0, {self.num_examples})")
     chunk, position = divmod(index, self.chunk_size)
-    record = self._reader(chunk).read([position])[0]
-    return records.decode_record(record, self.latent_shape, self.dtype)
+    reader = self._reader(chunk)
+    try:
+      record = reader.read([position])[0]
+      return records.decode_record(record, self.latent_shape, self.dtype)
+    except (RuntimeError, ValueError) as e:
+      raise self._damaged(chunk, f"example {index}: {e}") from e
 
   def get(self, index: int, flip: bool = False) -> tuple[np.ndarray, int]:
     """Example `index`: float32 moments `[h, w, 2c]` (`concat([mean, logvar], -1)` of the
