@@ -6,9 +6,11 @@ import collections
 import io
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -155,6 +157,26 @@ def test_unknown_dataset_names_the_closest(tmp_path):
   assert result.stderr.splitlines() == [
       "error: no tfds dataset named 'imagenet2013'; did you mean 'imagenet2012'?"]
   assert not any(tmp_path.iterdir())
+
+
+def test_offline_download_is_refused_at_once_writing_nothing(tmp_path, monkeypatch):
+  """Offline, tfds retried for about 200 s, then failed with a traceback and left temporary
+  files behind."""
+  def no_dns(host, *args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+  monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+  for variable in prepare._PROXY_VARIABLES:
+    monkeypatch.delenv(variable, raising=False)
+  data_dir = tmp_path / "data"
+  start = time.monotonic()
+  with pytest.raises(cli.UserError, match=r"tfds must download mnist.*storage.googleapis.com: "
+                                          r"Name or service not known.*looks offline"):
+    prepare.prepare("mnist", str(data_dir))
+  assert time.monotonic() - start < 60
+  assert not data_dir.exists() or not any(data_dir.rglob("*"))
+  # Behind a proxy the names are the proxy's to resolve: no refusal.
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+  prepare.check_online("mnist", "http://yann.lecun.com/exdb/mnist/", str(data_dir))
 
 
 def test_stale_incomplete_folders_of_this_version_only_are_removed(tmp_path):

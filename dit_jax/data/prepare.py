@@ -25,10 +25,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tarfile
 import time
 from typing import Any, Iterator, Optional, Sequence
+from urllib import parse
 
 from absl import flags
 
@@ -155,6 +157,37 @@ def check_name(name: str) -> None:
     raise cli.UserError(f"no tfds dataset named {base!r}{hint}")
 
 
+# A download through a proxy needs no name resolution here.
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
+                    "ALL_PROXY")
+# Where tfds keeps its own copies of many datasets' files (MNIST's among them).
+_TFDS_MIRROR = "storage.googleapis.com"
+
+
+def check_online(name: str, homepage: str, dataset_dir: str) -> None:
+  """A `UserError` when tfds must download `name` and this machine resolves no host name.
+
+  Offline, tfds's downloader retries each file for about 200 s (urllib3's backoff over ten
+  tries) before failing with a traceback, and leaves its temporary files in DATA_DIR/downloads;
+  without name resolution no download can start, so this says so before anything is written.
+  Skipped when a proxy is set in the environment (a proxy resolves the names itself).
+  """
+  if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+    return
+  errors = []
+  for host in dict.fromkeys(filter(None, (parse.urlparse(homepage or "").hostname,
+                                          _TFDS_MIRROR))):
+    try:
+      socket.getaddrinfo(host, 443)
+      return
+    except OSError as e:
+      errors.append(f"{host}: {getattr(e, 'strerror', None) or e}")
+  raise cli.UserError(
+      f"tfds must download {name}, but this machine resolves no host name ({'; '.join(errors)}):"
+      f" it looks offline. Prepare it where there is a network and copy its folder to "
+      f"{dataset_dir} (or set HTTPS_PROXY)")
+
+
 def _splits(builder: Any) -> str:
   return ", ".join(f"{split} {info.num_examples:,}" for split, info in
                    sorted(builder.info.splits.items()))
@@ -201,6 +234,8 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> Any:
   if imagenet:
     check_free_space(data_dir, manual_dir)
   dataset_dir = os.path.dirname(os.fspath(builder.data_dir))
+  if not manual:
+    check_online(name, builder.info.homepage, dataset_dir)
   with exclusive_lock(dataset_dir):
     for path in remove_incomplete(dataset_dir, str(builder.version)):
       print(f"removed {path}, left by an interrupted run", file=sys.stderr)
