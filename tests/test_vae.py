@@ -1,6 +1,7 @@
 """The Stable Diffusion VAE port: parity with diffusers' AutoencoderKL and weight import."""
 import dataclasses
 import json
+import re
 import shutil
 import struct
 
@@ -252,6 +253,27 @@ def test_config_defaults_and_errors(tmp_path):
       ({"block_out_channels": [48]}, "norm_num_groups")):
     with pytest.raises(ValueError, match=field):
       VAEConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("block_out_channels", "128,256", "a list of positive integers"),
+    ("block_out_channels", [128, 2.5], "a list of positive integers"),
+    ("layers_per_block", "2", "a positive integer"),
+    ("latent_channels", True, "a positive integer"),
+    ("norm_num_groups", 0, "a positive integer"),
+    ("scaling_factor", "0.18215", "a number"),
+    ("shift_factor", [0.1], "a number or null"),
+    ("use_quant_conv", "yes", "true or false"),
+    ("down_block_types", "DownEncoderBlock2D", "a list of strings"),
+    ("act_fn", 1, "a string")])
+def test_config_json_of_wrong_types_names_the_file_and_setting(tmp_path, key, value, expected):
+  """Valid JSON, wrong types: one line naming the file and the setting, not a TypeError from
+  deep inside the config."""
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**VAEConfig(**SD_VAE).to_dict(), key: value}))
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {key}: expected {expected}, "
+                                       rf"got {re.escape(json.dumps(value))}$"):
+    VAEConfig.from_json(str(tmp_path))
 
 
 def test_released_sd_vae_layout():

@@ -86,6 +86,8 @@ class VAEConfig:
     kwargs = {k: v for k, v in raw.items() if k in names}
     if kwargs.get("mid_block_add_attention") is None:
       kwargs.pop("mid_block_add_attention", None)  # diffusers treats null as the default.
+    for key, value in kwargs.items():
+      _check_type(key, value)
     return cls(**kwargs)
 
   @classmethod
@@ -100,7 +102,10 @@ class VAEConfig:
     if not isinstance(raw, dict):
       raise ValueError(f"{path}: expected a JSON object of AutoencoderKL settings, got a "
                        f"{type(raw).__name__}")
-    return cls.from_dict(raw)
+    try:
+      return cls.from_dict(raw)
+    except ValueError as e:  # a setting's own message: name the file too
+      raise ValueError(f"{path}: {e}") from e
 
   def to_dict(self) -> dict[str, Any]:
     """The diffusers `config.json` contents (with `_class_name`)."""
@@ -109,3 +114,33 @@ class VAEConfig:
       value = getattr(self, field.name)
       out[field.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# The JSON type each setting must have (what `from_dict` is given), by field.
+_INT_FIELDS = ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+               "norm_num_groups", "sample_size")
+_BOOL_FIELDS = ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def _check_type(key: str, value: Any) -> None:
+  """A one-line ValueError naming setting `key` unless `value` has its JSON type."""
+  def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  if key in _INT_FIELDS:
+    ok, expected = is_int(value) and value >= 1, "a positive integer"
+  elif key in _BOOL_FIELDS:
+    ok, expected = isinstance(value, bool), "true or false"
+  elif key in ("scaling_factor", "shift_factor"):
+    ok = (is_int(value) or isinstance(value, float)) or (key == "shift_factor" and value is None)
+    expected = "a number" + (" or null" if key == "shift_factor" else "")
+  elif key == "act_fn":
+    ok, expected = isinstance(value, str), "a string"
+  elif key == "block_out_channels":
+    ok = isinstance(value, (list, tuple)) and all(is_int(c) and c >= 1 for c in value)
+    expected = "a list of positive integers"
+  else:  # the block type lists
+    ok = isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value)
+    expected = "a list of strings"
+  if not ok:
+    raise ValueError(f"{key}: expected {expected}, got {json.dumps(value)}")
