@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from configs import digits
+from dit_jax import checkpoints
 from dit_jax.diffusion import process_from_config
 from dit_jax.models import build_model
 from dit_jax.train import sharding as shd
@@ -159,6 +160,29 @@ def test_checkpointer_keeps_last_k_plus_every_mth(tmp_path):
     checkpointer.check_compatible({"hidden_size": 16})
   checkpointer.close()
   checkpointer.close()  # idempotent
+
+
+def test_a_workdir_of_another_process_is_refused_naming_the_process(tmp_path):
+  """A diffusion config on a flow workdir: the process is the difference to name, not the
+  learn_sigma it implies (which the architecture comparison would find first)."""
+  from dit_jax.diffusion import OFFICIAL_PROCESS, FlowProcess
+  from dit_jax.models import DiT
+  from dit_jax.train.checkpointing import Checkpointer, IncompatibleCheckpointError
+
+  flow_model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1,
+                   num_heads=2, num_classes=3, learn_sigma=False)
+  checkpointer = Checkpointer(str(tmp_path), keep=1, keep_period=0, async_save=False)
+  checkpointer.save(1, {"w": jnp.zeros(2)}, checkpoints.saved_config(flow_model, FlowProcess()))
+  checkpointer.wait()
+  diffusion_model = flow_model.clone(learn_sigma=True)
+  with pytest.raises(IncompatibleCheckpointError,
+                     match=r"\(step 1\) trained for flow matching, linear path, velocity "
+                           r"prediction; the config asks for linear schedule, 1000 steps, eps "
+                           r"prediction, learned sigma \(config.process"):
+    checkpointer.check_compatible(diffusion_model.arch_config(), OFFICIAL_PROCESS)
+  step, _ = checkpointer.check_compatible(flow_model.arch_config(), FlowProcess())
+  assert step == 1
+  checkpointer.close()
 
 
 def test_metrics_log_keeps_each_step_once_across_resumes(tmp_path):

@@ -73,7 +73,7 @@ def setup(config: Any, workdir: str) -> Run:
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep,
                                 keep_period=config.checkpoint.keep_period,
                                 async_save=config.checkpoint.async_save)
-    found = checkpointer.check_compatible(model.arch_config())
+    found = checkpointer.check_compatible(model.arch_config(), process)
     if found is not None:  # resuming: refuses changes that alter training, unless accepted
       resume_check.check_resume(found[1], found[0], config, checkpoint_dir)
   except BaseException:
