@@ -53,7 +53,7 @@ def main(argv):
     if path:
       cli.check_new_output(flag, path)
   import jax
-  from dit_jax import checkpoints, fs, generate, images
+  from dit_jax import checkpoints, fs, generate, images, npz_samples
 
   with cli.user_errors(ValueError):  # before anything is read, loaded or written
     generate.check_flags(**{name: getattr(FLAGS, name) for name in generate.CHECKED_FLAGS})
@@ -78,7 +78,7 @@ def main(argv):
                      else FLAGS.clip_denoised))
   if FLAGS.npz:  # held before the grid: another run's folder, or other settings, are refused
     with cli.user_errors(FileExistsError, ValueError):
-      parts = generate.NpzParts(FLAGS.npz, generate.npz_settings(
+      parts = npz_samples.NpzParts(FLAGS.npz, npz_samples.npz_settings(
           spec, FLAGS.num_samples, FLAGS.batch_size, checkpoint=reader.directory, step=step,
           use_ema=FLAGS.use_ema, vae=FLAGS.vae and fs.absolute(FLAGS.vae)))
   if FLAGS.out:
@@ -90,7 +90,7 @@ def main(argv):
         images.save_png(fs.join(FLAGS.singles_dir, f"{i:05d}.png"), image)
       logging.info("wrote %s (%s, %g model evaluations a sample)", FLAGS.out, sampler, nfe)
   if FLAGS.npz:
-    generate.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
+    npz_samples.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
                           batch_size=FLAGS.batch_size, decode=decode, parts=parts)
     logging.info("wrote %s", FLAGS.npz)
 

@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from conftest import ROOT, fixture_path
-from dit_jax import checkpoints, cli, convert, evaluate, fs, generate
+from dit_jax import checkpoints, cli, convert, evaluate, fs, generate, npz_samples
 from dit_jax.data import prepare
 from dit_jax.latents import LatentSource, chunk_path
 from dit_jax.latents.extraction import extract_latents
@@ -51,7 +51,7 @@ def test_npz_writer_on_gcs_resumes_and_matches_local(gcs_bucket, tmp_path):
   spec = generate.SamplingSpec(sampler="ddim", num_steps=3, cfg_scale=2.0, clip_denoised=True)
 
   def run(out: str, **kwargs) -> None:
-    generate.generate_npz(model, params, spec, 10, out, batch_size=4, progress=False, **kwargs)
+    npz_samples.generate_npz(model, params, spec, 10, out, batch_size=4, progress=False, **kwargs)
 
   local, remote = str(tmp_path / "s.npz"), f"{gcs_bucket}/samples/s.npz"
   run(local)
@@ -59,7 +59,7 @@ def test_npz_writer_on_gcs_resumes_and_matches_local(gcs_bucket, tmp_path):
   assert fs.read_bytes(remote) == fs.read_bytes(local)  # byte for byte
   kept = fs.listdir(remote + ".parts")  # the parts, and the settings they were drawn with
   assert [n for n in kept if n.startswith("part_")] == [f"part_00000{i}.npz" for i in range(3)]
-  assert generate.SETTINGS_NAME in kept
+  assert npz_samples.SETTINGS_NAME in kept
   # An interruption: a part and the final file lost; the rerun redraws exactly that part.
   fs.remove(remote)
   fs.remove(fs.join(remote + ".parts", "part_000001.npz"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import generate, samplers
+from dit_jax import generate, npz_samples, samplers
 from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import DiT, create_model, init_params
 from train_utils import ROOT, env_with_devices, run_train
@@ -69,7 +69,7 @@ def test_guidance_scale_one_equals_unguided(pixel_model, sampler):
 def test_chunked_generation_resumes_exactly(tmp_path, pixel_model):
   model, params = pixel_model
   full = tmp_path / "full.npz"
-  generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, keep_parts=True,
+  npz_samples.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, keep_parts=True,
                         progress=False)
   with np.load(full) as data:
     images, labels = data["arr_0"], data["arr_1"]
@@ -80,13 +80,13 @@ def test_chunked_generation_resumes_exactly(tmp_path, pixel_model):
   full.unlink()
   (tmp_path / "full.npz.parts" / "part_000002.npz").unlink()
   (tmp_path / "full.npz.parts" / "part_000001.npz").unlink()
-  generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
+  npz_samples.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
   with np.load(full) as data:
     np.testing.assert_array_equal(data["arr_0"], images)
     np.testing.assert_array_equal(data["arr_1"], labels)
   assert not (tmp_path / "full.npz.parts").exists()
   with pytest.raises(FileExistsError, match="--npz"):
-    generate.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
+    npz_samples.generate_npz(model, params, SPEC, 10, str(full), batch_size=4, progress=False)
 
 
 def test_latents_without_vae_are_refused():
@@ -246,7 +246,7 @@ def test_guidance_is_applied_with_and_without_batch_sharding(pixel_model):
   labels = np.array([0, 3, 7, 9], np.int32)
   kwargs = dict(sampler="ddim", num_steps=5, guidance_channels=None, clip_denoised=True)
   plain = make_sample_fn(model, cfg_scale=3.0, **kwargs)(params, labels, jax.random.key(0))
-  sharded, nfe = generate._sample_fn(model, generate.SamplingSpec(cfg_scale=3.0, **kwargs), 4)(
+  sharded, nfe = generate.sharded_sampler(model, generate.SamplingSpec(cfg_scale=3.0, **kwargs), 4)(
       params, labels, jax.random.key(0))
   assert int(nfe) == 5  # one guided evaluation per step covers the doubled batch
   unguided = make_sample_fn(model, cfg_scale=1.0, **kwargs)(params, labels, jax.random.key(0))

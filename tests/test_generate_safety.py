@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import generate
+from dit_jax import generate, npz_samples
 from dit_jax.models import create_model, init_params
 from dit_jax.train.workdir_lock import LOCK_NAME, WorkdirLock
 from train_utils import ROOT, env_with_devices, save_tiny_checkpoint
@@ -21,14 +21,14 @@ SPEC = generate.SamplingSpec(sampler="ddim", num_steps=2, cfg_scale=2.0, guidanc
 # sample.py, killed (os._exit, as kill -9 would) right after writing its DIE_AFTER_PARTS-th part.
 DYING_SAMPLE_PY = """
 import os, runpy, sys
-from dit_jax import generate
-write, written = generate._write_npz, []
+from dit_jax import npz_samples
+write, written = npz_samples._write_npz, []
 def dying(path, *args, **kwargs):
   write(path, *args, **kwargs)
   written.append(path)
   if len(written) == int(os.environ["DIE_AFTER_PARTS"]):
     os._exit(9)
-generate._write_npz = dying
+npz_samples._write_npz = dying
 sys.argv[0] = "sample.py"
 runpy.run_path("sample.py", run_name="__main__")
 """
@@ -129,39 +129,39 @@ def test_an_npz_held_by_a_live_run_is_refused_naming_it(tmp_path, checkpoint):
 def test_two_generate_npz_on_one_path_in_one_process(tmp_path, pixel_model):
   model, params = pixel_model
   out = str(tmp_path / "x.npz")
-  first = generate.NpzParts(out, generate.npz_settings(SPEC, 4, 2))
+  first = npz_samples.NpzParts(out, npz_samples.npz_settings(SPEC, 4, 2))
   try:
     with pytest.raises(ValueError, match=r"^--npz: .* is being written by another run \(host"):
-      generate.generate_npz(model, params, SPEC, 4, out, batch_size=2, progress=False)
+      npz_samples.generate_npz(model, params, SPEC, 4, out, batch_size=2, progress=False)
   finally:
     first.release()
-  assert sorted(os.listdir(tmp_path / "x.npz.parts")) == [LOCK_NAME, generate.SETTINGS_NAME]
-  generate.generate_npz(model, params, SPEC, 4, out, batch_size=2, progress=False)
+  assert sorted(os.listdir(tmp_path / "x.npz.parts")) == [LOCK_NAME, npz_samples.SETTINGS_NAME]
+  npz_samples.generate_npz(model, params, SPEC, 4, out, batch_size=2, progress=False)
   assert os.listdir(tmp_path) == ["x.npz"]  # the parts, settings and lock all gone
 
 
 def test_parts_of_other_settings_are_refused_in_process(tmp_path, pixel_model):
   model, params = pixel_model
   out = tmp_path / "x.npz"
-  generate.generate_npz(model, params, SPEC, 4, str(out), batch_size=2, keep_parts=True,
+  npz_samples.generate_npz(model, params, SPEC, 4, str(out), batch_size=2, keep_parts=True,
                         progress=False)
   out.unlink()  # as if it had been interrupted
   parts = snapshot(tmp_path)
   other = generate.SamplingSpec(**{**SPEC.__dict__, "seed": 7, "cfg_scale": 1.0})
   with pytest.raises(ValueError) as refused:
-    generate.generate_npz(model, params, other, 4, str(out), batch_size=2, progress=False)
+    npz_samples.generate_npz(model, params, other, 4, str(out), batch_size=2, progress=False)
   assert str(refused.value) == (
       f"--npz: {out}.parts holds 2 parts sampled with other settings (--cfg_scale 2.0 there, "
       "1.0 now; --seed 3 there, 7 now); resume with the flags it was started with, or delete "
       f"{out}.parts or give another --npz to start afresh. Nothing was written.")
   with pytest.raises(ValueError, match=r"--batch_size 2 there, 4 now; --num_samples 4 there, "
                                        r"8 now\)"):
-    generate.generate_npz(model, params, SPEC, 8, str(out), batch_size=4, progress=False)
+    npz_samples.generate_npz(model, params, SPEC, 8, str(out), batch_size=4, progress=False)
   # Parts without a settings record (an older sample.py's) cannot be told apart: refused too.
-  (tmp_path / "x.npz.parts" / generate.SETTINGS_NAME).unlink()
+  (tmp_path / "x.npz.parts" / npz_samples.SETTINGS_NAME).unlink()
   with pytest.raises(ValueError, match="holds 2 parts without a record of the settings"):
-    generate.generate_npz(model, params, SPEC, 4, str(out), batch_size=2, progress=False)
-  del parts[pathlib.Path("x.npz.parts", generate.SETTINGS_NAME)]
+    npz_samples.generate_npz(model, params, SPEC, 4, str(out), batch_size=2, progress=False)
+  del parts[pathlib.Path("x.npz.parts", npz_samples.SETTINGS_NAME)]
   assert snapshot(tmp_path) == parts and not out.exists()
 
 
@@ -176,8 +176,8 @@ def test_resume_with_other_flags_is_refused_and_with_the_same_completes(tmp_path
   assert killed.returncode == 9, killed.stderr[-3000:]
   parts = snapshot(tmp_path)
   assert sorted(p.name for p in parts) == ["part_000000.npz", "part_000001.npz", LOCK_NAME,
-                                           generate.SETTINGS_NAME]
-  assert json.loads((tmp_path / "n4.npz.parts" / generate.SETTINGS_NAME).read_text())["step"] == 0
+                                           npz_samples.SETTINGS_NAME]
+  assert json.loads((tmp_path / "n4.npz.parts" / npz_samples.SETTINGS_NAME).read_text())["step"] == 0
 
   other = sample_py(checkpoint, "--sampler=ddpm", "--num_steps=2", "--cfg_scale=1", "--seed=7",
                     "--num_samples=8", "--batch_size=2", f"--npz={npz}")

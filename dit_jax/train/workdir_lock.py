@@ -44,7 +44,7 @@ SETTLE_SECONDS = 2.0  # after writing the lock, wait this long before reading it
 
 class WorkdirBusyError(ValueError):
   """Another live run holds the workdir; `holder` describes it (host, pid, start time), for a
-  caller that words its own refusal (`dit_jax.generate.NpzParts`)."""
+  caller that words its own refusal (`dit_jax.npz_samples.NpzParts`)."""
 
   def __init__(self, message: str, holder: str = ""):
     super().__init__(message)
