@@ -62,7 +62,10 @@ def main(argv):
        checkpoints.Reader(FLAGS.checkpoint) as reader:
     config, step = reader.config(FLAGS.step)
     classes = generate.check_architecture(config.get("model", {}), FLAGS.classes, FLAGS.vae)
-    model, process, params = reader.load_for_sampling(FLAGS.step, use_ema=FLAGS.use_ema)
+    # The step whose weights read (older than `step` if only the newest step's are damaged):
+    # the one the --npz settings record.
+    step, (model, process, params) = reader.load_step_for_sampling(FLAGS.step,
+                                                                   use_ema=FLAGS.use_ema)
   with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
     sampler, num_steps, options = generate.sampler_from_flags(
         process, FLAGS.sampler, FLAGS.num_steps,

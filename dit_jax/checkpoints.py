@@ -248,7 +248,13 @@ class Reader:
   def load_for_sampling(self, step: Optional[int] = None, use_ema: bool = True,
                         **runtime: Any) -> tuple[DiT, Process, dict[str, Any]]:
     """See the module-level `load_for_sampling`."""
-    return self._read(step, functools.partial(self._load, use_ema=use_ema, runtime=runtime))[1]
+    return self.load_step_for_sampling(step, use_ema, **runtime)[1]
+
+  def load_step_for_sampling(self, step: Optional[int] = None, use_ema: bool = True,
+                             **runtime: Any) -> tuple[int, tuple[DiT, Process, dict[str, Any]]]:
+    """`(the step read, load_for_sampling's result)`. With no step asked for, the newest whose
+    weights read: older than `config()`'s when only the newest step's weights are damaged."""
+    return self._read(step, functools.partial(self._load, use_ema=use_ema, runtime=runtime))
 
   def _load(self, step: int, use_ema: bool, runtime: dict[str, Any]
             ) -> tuple[DiT, Process, dict[str, Any]]:

@@ -3,6 +3,7 @@ is held by one run at a time, and its parts are never mixed with those of other 
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -163,6 +164,22 @@ def test_parts_of_other_settings_are_refused_in_process(tmp_path, pixel_model):
     npz_samples.generate_npz(model, params, SPEC, 4, str(out), batch_size=2, progress=False)
   del parts[pathlib.Path("x.npz.parts", npz_samples.SETTINGS_NAME)]
   assert snapshot(tmp_path) == parts and not out.exists()
+
+
+def test_npz_settings_record_the_step_whose_weights_were_read(tmp_path):
+  """The newest step's config reads but its weights do not: sampling falls back to the older
+  step (README: a damaged checkpoint never blocks), and the parts' settings name that one."""
+  save_tiny_checkpoint(tmp_path / "ckpt")
+  save_tiny_checkpoint(tmp_path / "other")
+  shutil.move(tmp_path / "other" / "0", tmp_path / "ckpt" / "1")
+  shutil.rmtree(tmp_path / "ckpt" / "1" / "params")  # step 1: a config, no weights
+  npz = tmp_path / "s.npz"
+  killed = sample_py(tmp_path / "ckpt", *FAST, "--num_samples=4", "--batch_size=2",
+                     f"--npz={npz}", die_after_parts=1)
+  assert killed.returncode == 9, killed.stderr[-3000:]
+  assert "checkpoint: step 1 of" in killed.stderr and "cannot be read" in killed.stderr
+  settings = json.loads((tmp_path / "s.npz.parts" / npz_samples.SETTINGS_NAME).read_text())
+  assert settings["step"] == 0
 
 
 @pytest.mark.slow  # three runs of sample.py that sample
