@@ -31,6 +31,7 @@ flags.DEFINE_float("diffusion_norm", None, "sde-euler: its scale (1.0).")
 flags.DEFINE_string("last_step", None, "sde-euler: mean, tweedie, euler or none (mean).")
 flags.DEFINE_float("last_step_size", None, "sde-euler: the last step's size (0.04).")
 OPTION_FLAGS = ("atol", "rtol", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+SPEC_FLAGS = ("sampler", "num_steps", "cfg_scale", "guidance", "eta", "seed", "clip_denoised")
 flags.DEFINE_integer("seed", 0, "Seed of noise and labels.")
 flags.DEFINE_list("classes", None, "Grid classes (default: the first 10 or fewer).")
 flags.DEFINE_integer("per_class", 8, "Grid columns.")
@@ -53,7 +54,7 @@ def main(argv):
     if path:
       cli.check_new_output(flag, path)
   import jax
-  from dit_jax import checkpoints, fs, generate, images, npz_samples
+  from dit_jax import checkpoints, fs, generate, images, models, npz_samples
 
   with cli.user_errors(ValueError):  # before anything is read, loaded or written
     generate.check_flags(**{name: getattr(FLAGS, name) for name in generate.CHECKED_FLAGS})
@@ -62,28 +63,33 @@ def main(argv):
        checkpoints.Reader(FLAGS.checkpoint) as reader:
     config, step = reader.config(FLAGS.step)
     classes = generate.check_architecture(config.get("model", {}), FLAGS.classes, FLAGS.vae)
-    # The step whose weights read (older than `step` if only the newest step's are damaged):
-    # the one the --npz settings record.
-    step, (model, process, params) = reader.load_step_for_sampling(FLAGS.step,
-                                                                   use_ema=FLAGS.use_ema)
-  with cli.user_errors(ValueError):  # a sampler of the other process, bad steps or options
-    sampler, num_steps, options = generate.sampler_from_flags(
-        process, FLAGS.sampler, FLAGS.num_steps,
-        {name: getattr(FLAGS, name) for name in OPTION_FLAGS})
-  with cli.user_errors(FileNotFoundError, ValueError):  # no such VAE folder, or not a VAE
-    decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None
-  spec = generate.SamplingSpec(
-      process=process, sampler=sampler, num_steps=num_steps, options=options,
-      cfg_scale=FLAGS.cfg_scale,
-      guidance_channels=3 if FLAGS.guidance == "official" and model.in_channels >= 3 else None,
-      eta=FLAGS.eta, seed=FLAGS.seed,
-      clip_denoised=(model.in_channels in (1, 3) if FLAGS.clip_denoised is None
-                     else FLAGS.clip_denoised))
-  if FLAGS.npz:  # held before the grid: another run's folder, or other settings, are refused
-    with cli.user_errors(FileExistsError, ValueError):
-      parts = npz_samples.NpzParts(FLAGS.npz, npz_samples.npz_settings(
-          spec, FLAGS.num_samples, FLAGS.batch_size, checkpoint=reader.directory, step=step,
-          use_ema=FLAGS.use_ema, vae=FLAGS.vae and fs.absolute(FLAGS.vae)))
+    # Everything but the weights comes from the config, so that bad flags, another run on
+    # --npz or its parts' other settings are refused before the weights load.
+    spec = generate.spec_from_flags(
+        checkpoints.process_of(config), models.model_from_config(config["model"]).in_channels,
+        options={name: getattr(FLAGS, name) for name in OPTION_FLAGS},
+        **{name: getattr(FLAGS, name) for name in SPEC_FLAGS})
+
+    def settings(step):
+      return npz_samples.npz_settings(spec, FLAGS.num_samples, FLAGS.batch_size,
+                                      checkpoint=reader.directory, step=step,
+                                      use_ema=FLAGS.use_ema,
+                                      vae=FLAGS.vae and fs.absolute(FLAGS.vae))
+    parts = None
+    if FLAGS.npz:  # held before the grid: another run's folder, or other settings, are refused
+      with cli.user_errors(FileExistsError, ValueError):
+        parts = npz_samples.NpzParts(FLAGS.npz, settings(step))
+    try:
+      # The step whose weights read: older than `step` if only the newest step's are damaged.
+      loaded, (model, _, params) = reader.load_step_for_sampling(FLAGS.step,
+                                                                 use_ema=FLAGS.use_ema)
+      if parts is not None and loaded != step:
+        parts.update_settings(settings(loaded))
+      decode = generate.vae_decoder(FLAGS.vae) if FLAGS.vae else None  # a folder, a VAE?
+    except BaseException:
+      if parts is not None:
+        parts.abandon()
+      raise
   if FLAGS.out:
     pixels, grid, nfe = generate.sample_grid(model, params, spec, classes, FLAGS.per_class,
                                              decode=decode, return_nfe=True)
@@ -91,7 +97,8 @@ def main(argv):
       images.save_png(FLAGS.out, grid)
       for i, image in enumerate(pixels if FLAGS.singles_dir else []):
         images.save_png(fs.join(FLAGS.singles_dir, f"{i:05d}.png"), image)
-      logging.info("wrote %s (%s, %g model evaluations a sample)", FLAGS.out, sampler, nfe)
+      logging.info("wrote %s (%s, %g model evaluations a sample)", FLAGS.out, spec.sampler,
+                   nfe)
   if FLAGS.npz:
     npz_samples.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
                           batch_size=FLAGS.batch_size, decode=decode, parts=parts)

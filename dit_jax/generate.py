@@ -76,6 +76,24 @@ def sampler_from_flags(process: Process, sampler: Optional[str], num_steps: Opti
   return sampler, num_steps, options
 
 
+def spec_from_flags(process: Process, in_channels: int, *, sampler: Optional[str],
+                    num_steps: Optional[int], options: Mapping[str, Any], cfg_scale: float,
+                    guidance: str, eta: float, seed: int,
+                    clip_denoised: Optional[bool]) -> SamplingSpec:
+  """sample.py's sampling settings for a checkpoint's process and image channels (both from
+  its config, before its weights load), or a one-line ValueError naming the flag
+  (`sampler_from_flags`). `guidance` "official" guides the first 3 channels of a model with 3
+  or more, as the official code does; clipping defaults to pixel-space models (1 or 3
+  channels)."""
+  sampler, num_steps, sampler_options = sampler_from_flags(process, sampler, num_steps, options)
+  return SamplingSpec(
+      process=process, sampler=sampler, num_steps=num_steps, options=sampler_options,
+      cfg_scale=cfg_scale,
+      guidance_channels=3 if guidance == "official" and in_channels >= 3 else None,
+      eta=eta, seed=seed,
+      clip_denoised=in_channels in (1, 3) if clip_denoised is None else clip_denoised)
+
+
 # sample.py's flags that `check_flags` takes.
 CHECKED_FLAGS = ("out", "per_class", "npz", "num_samples", "batch_size", "cfg_scale", "eta")
 
@@ -114,6 +132,8 @@ def check_architecture(arch: Mapping[str, Any], classes: Optional[Sequence[str]]
   """sample.py's checks of the flags that depend on a checkpoint's architecture (its config's
   `model` entry), made before its weights are loaded: a latent model needs `--vae`; returns
   `--classes` as class ids (`parse_classes`). Raises a one-line ValueError naming the flag."""
+  if not arch:
+    raise ValueError("--checkpoint: its config has no 'model' entry (not a dit-jax checkpoint)")
   if arch.get("in_channels") not in (1, 3) and not vae:
     raise ValueError("--vae: this latent-space model needs the VAE to make images (a "
                      "diffusers folder, e.g. the files of stabilityai/sd-vae-ft-ema)")

@@ -123,6 +123,21 @@ class NpzParts:
     raise ValueError(f"--npz: {self.dir} holds {len(parts)} parts sampled with other settings "
                      f"({'; '.join(differ)}); {how}")
 
+  def update_settings(self, settings: Mapping[str, Any]) -> None:
+    """Replaces the settings of the folder this run holds (sample.py: the step whose weights
+    it loaded, known only after it locked the folder); refused, as in the constructor, while
+    the folder holds parts of other settings."""
+    self.settings = json.loads(json.dumps(dict(settings)))
+    if self._check_settings() and jax.process_index() == 0:
+      fs.write_text(self.settings_path, json.dumps(self.settings, indent=1) + "\n")
+
+  def abandon(self) -> None:
+    """For a run that fails before sampling: unlocks the folder and, unless it holds parts
+    (another run's, to resume), removes the settings file, the lock and the folder."""
+    if jax.process_index() == 0 and not self._parts() and fs.exists(self.settings_path):
+      fs.remove(self.settings_path)
+    self.release(remove=True)
+
   def complete(self, num_chunks: int) -> None:
     """After the `.npz` is written: deletes the parts, the settings and the lock (this run's
     own files), and the folder unless something else appeared in it."""

@@ -127,6 +127,32 @@ def test_an_npz_held_by_a_live_run_is_refused_naming_it(tmp_path, checkpoint):
     holder.release()
 
 
+def test_npz_refusals_come_before_the_weights_load(tmp_path):
+  """A checkpoint whose config reads but whose weights do not: a held --npz and a bad flag are
+  refused as such (the weights were never read), and a run that gets as far as the weights
+  leaves no parts folder behind."""
+  save_tiny_checkpoint(tmp_path / "ckpt")
+  shutil.rmtree(tmp_path / "ckpt" / "0" / "params")
+  npz = tmp_path / "w.npz"
+  holder = WorkdirLock(str(tmp_path / "w.npz.parts"))  # this process: a live run
+  try:
+    held = sample_py(tmp_path / "ckpt", *FAST, f"--npz={npz}", "--num_samples=4",
+                     "--batch_size=2")
+    assert "is being written by another run" in error_line(held)
+  finally:
+    holder.release()
+  (tmp_path / "w.npz.parts" / LOCK_NAME).unlink()
+  (tmp_path / "w.npz.parts").rmdir()
+  bad_flag = sample_py(tmp_path / "ckpt", "--sampler=ode-heun", f"--npz={npz}",
+                       "--num_samples=4", "--batch_size=2")
+  assert "--sampler" in error_line(bad_flag) and "ode-heun" in error_line(bad_flag)
+  unreadable = sample_py(tmp_path / "ckpt", *FAST, f"--npz={npz}", "--num_samples=4",
+                         "--batch_size=2")
+  assert unreadable.returncode == 1  # a warning naming the step, then the error
+  assert unreadable.stderr.strip().splitlines()[-1].startswith("error: checkpoint: no step of ")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_two_generate_npz_on_one_path_in_one_process(tmp_path, pixel_model):
   model, params = pixel_model
   out = str(tmp_path / "x.npz")
