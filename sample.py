@@ -101,7 +101,7 @@ def main(argv):
                    nfe)
   if FLAGS.npz:
     npz_samples.generate_npz(model, params, spec, FLAGS.num_samples, FLAGS.npz,
-                          batch_size=FLAGS.batch_size, decode=decode, parts=parts)
+                             batch_size=FLAGS.batch_size, decode=decode, parts=parts)
     logging.info("wrote %s", FLAGS.npz)
 
 

@@ -179,7 +179,7 @@ def _compiled(model: DiT, spec: SamplingSpec, batch: int, mesh: Mesh) -> Callabl
 
 
 def sharded_sampler(model: DiT, spec: SamplingSpec, batch: int,
-               mesh: Optional[Mesh] = None) -> Callable[..., tuple[jax.Array, jax.Array]]:
+                    mesh: Optional[Mesh] = None) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """Jitted `(params, labels [batch], rng) -> ([batch, H, W, C], model evaluations)`, the batch
   sharded over mesh."""
   mesh = default_mesh() if mesh is None else mesh

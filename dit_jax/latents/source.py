@@ -113,7 +113,7 @@ class LatentSource:
           records.chunk_path(self.local_dir, chunk), records.READER_OPTIONS)
       count = reader.num_records()
     except (RuntimeError, OSError) as e:  # ArrayRecord's own message names no file
-      raise self._damaged(chunk, f"ArrayRecord cannot read it: {e or type(e).__name__}") from e
+      raise self._damaged(chunk, f"ArrayRecord cannot read it: {str(e) or type(e).__name__}") from e
     if count != self._chunk_records(chunk):
       try:
         reader.close()
