@@ -220,7 +220,8 @@ def test_resume_with_other_flags_is_refused_and_with_the_same_completes(tmp_path
   parts = snapshot(tmp_path)
   assert sorted(p.name for p in parts) == ["part_000000.npz", "part_000001.npz", LOCK_NAME,
                                            npz_samples.SETTINGS_NAME]
-  assert json.loads((tmp_path / "n4.npz.parts" / npz_samples.SETTINGS_NAME).read_text())["step"] == 0
+  settings = tmp_path / "n4.npz.parts" / npz_samples.SETTINGS_NAME
+  assert json.loads(settings.read_text())["step"] == 0
 
   other = sample_py(checkpoint, "--sampler=ddpm", "--num_steps=2", "--cfg_scale=1", "--seed=7",
                     "--num_samples=8", "--batch_size=2", f"--npz={npz}")
