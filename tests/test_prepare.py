@@ -169,13 +169,25 @@ def test_offline_download_is_refused_at_once_writing_nothing(tmp_path, monkeypat
     monkeypatch.delenv(variable, raising=False)
   data_dir = tmp_path / "data"
   start = time.monotonic()
-  with pytest.raises(cli.UserError, match=r"tfds must download mnist.*storage.googleapis.com: "
-                                          r"Name or service not known.*looks offline"):
+  with pytest.raises(cli.UserError, match=r"tfds must download mnist, but this machine cannot "
+                                          r"reach its servers \(.*storage.googleapis.com: "
+                                          r"Name or service not known\): it looks offline"):
     prepare.prepare("mnist", str(data_dir))
   assert time.monotonic() - start < 60
   assert not data_dir.exists() or not any(data_dir.rglob("*"))
+  # Names that resolve, connections that do not (a firewall): refused too, each host named.
+  def unreachable(address, timeout=None, *args, **kwargs):
+    raise TimeoutError("timed out")
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  with pytest.raises(cli.UserError, match=r"\(yann.lecun.com: timed out; storage.googleapis.com: "
+                                          r"timed out\)"):
+    prepare.check_online("mnist", "http://yann.lecun.com/exdb/mnist/", str(data_dir))
   # Behind a proxy the names are the proxy's to resolve: no refusal.
   monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+  prepare.check_online("mnist", "http://yann.lecun.com/exdb/mnist/", str(data_dir))
+  # Online: no refusal.
+  monkeypatch.delenv("HTTPS_PROXY")
+  monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: io.BytesIO())
   prepare.check_online("mnist", "http://yann.lecun.com/exdb/mnist/", str(data_dir))
 
 

@@ -165,12 +165,14 @@ _TFDS_MIRROR = "storage.googleapis.com"
 
 
 def check_online(name: str, homepage: str, dataset_dir: str) -> None:
-  """A `UserError` when tfds must download `name` and this machine resolves no host name.
+  """A `UserError` when tfds must download `name` and this machine reaches neither the
+  dataset's homepage host nor tfds's mirror (a name it cannot resolve, a connection refused or
+  timing out after 5 s).
 
   Offline, tfds's downloader retries each file for about 200 s (urllib3's backoff over ten
   tries) before failing with a traceback, and leaves its temporary files in DATA_DIR/downloads;
-  without name resolution no download can start, so this says so before anything is written.
-  Skipped when a proxy is set in the environment (a proxy resolves the names itself).
+  this says so before anything is written. Skipped when a proxy is set in the environment
+  (the proxy makes the connections).
   """
   if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
     return
@@ -178,14 +180,14 @@ def check_online(name: str, homepage: str, dataset_dir: str) -> None:
   for host in dict.fromkeys(filter(None, (parse.urlparse(homepage or "").hostname,
                                           _TFDS_MIRROR))):
     try:
-      socket.getaddrinfo(host, 443)
+      socket.create_connection((host, 443), timeout=5).close()
       return
     except OSError as e:
-      errors.append(f"{host}: {getattr(e, 'strerror', None) or e}")
+      errors.append(f"{host}: {getattr(e, 'strerror', None) or e or type(e).__name__}")
   raise cli.UserError(
-      f"tfds must download {name}, but this machine resolves no host name ({'; '.join(errors)}):"
-      f" it looks offline. Prepare it where there is a network and copy its folder to "
-      f"{dataset_dir} (or set HTTPS_PROXY)")
+      f"tfds must download {name}, but this machine cannot reach its servers "
+      f"({'; '.join(errors)}): it looks offline. Prepare it where there is a network and copy "
+      f"its folder to {dataset_dir} (or set HTTPS_PROXY)")
 
 
 def _splits(builder: Any) -> str:
