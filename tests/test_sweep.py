@@ -61,6 +61,12 @@ def write_config(tmp_path, text: str, name: str = "sweep_config.py") -> str:
   return str(path)
 
 
+def config_with_hyper(tmp_path, hyper_text: str) -> str:
+  """TINY_CONFIG with `get_hyper(h)` returning `hyper_text`, written as a config file."""
+  return write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
+                      + f"def get_hyper(h):\n  return {hyper_text}\n")
+
+
 # --- h: the grid functions ---------------------------------------------------------------------
 
 def test_sweep_product_zipit_chainit_fixed_expand_exactly():
@@ -185,8 +191,7 @@ def run_main_error(capsys, argv) -> str:
      "error: get_hyper: config.data.data_dir=None: a train.py command line cannot set None"),
 ])
 def test_bad_grids_are_one_line_errors_before_any_write(tmp_path, capsys, hyper_text, message):
-  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
-                        + f"def get_hyper(h):\n  return {hyper_text}\n")
+  config = config_with_hyper(tmp_path, hyper_text)
   line = run_main_error(capsys, ["--config", config, "--workdir", str(tmp_path / "w")])
   assert line.startswith(message), line
   assert not (tmp_path / "w").exists()
@@ -416,9 +421,7 @@ def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path
   # The trainer refuses the second point when it opens the data (a folder dataset without its
   # folder): the sweep cannot know that from the config alone, so the point runs and fails,
   # while the first trains and gets its row of the table and the figure.
-  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
-                        + "def get_hyper(h):\n  return h.sweep('config.data.name', "
-                        "['digits', 'folder'])\n")
+  config = config_with_hyper(tmp_path, "h.sweep('config.data.name', ['digits', 'folder'])")
   workdir = tmp_path / "sweep"
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
   log = workdir / "logs" / "name=folder.log"
@@ -435,9 +438,7 @@ def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path
 
 
 def test_an_untrainable_point_is_refused_before_any_training(tmp_path, capsys):
-  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
-                        + "def get_hyper(h):\n  return h.sweep('config.model.num_heads', "
-                        "[2, 3])\n")
+  config = config_with_hyper(tmp_path, "h.sweep('config.model.num_heads', [2, 3])")
   workdir = tmp_path / "w"
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
   assert line == ("error: get_hyper: point num_heads=3: config.model: hidden_size: 16 is not "
@@ -446,8 +447,7 @@ def test_an_untrainable_point_is_refused_before_any_training(tmp_path, capsys):
                                  "--print_commands"])
   assert line.startswith("error: get_hyper: point num_heads=3: "), line
   assert not workdir.exists()
-  config = write_config(tmp_path, TINY_CONFIG.split("def get_hyper")[0]
-                        + "def get_hyper(h):\n  return h.sweep('config.batch_size', [16, 0])\n")
+  config = config_with_hyper(tmp_path, "h.sweep('config.batch_size', [16, 0])")
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
   assert line == ("error: get_hyper: point batch_size=0: config.batch_size: must be positive, "
                   "got 0; no point was trained"), line

@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dit_jax import checkpoints, cli, fs
+from dit_jax.diffusion import Process
+from dit_jax.train import resume_check
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
@@ -66,11 +68,11 @@ class Checkpointer:
   def saved_config(self, step: int) -> dict[str, Any]:
     return checkpoints.read_config(self.manager, step)
 
-  def check_compatible(self, model_arch: dict[str, Any], process: Optional[Any] = None
+  def check_compatible(self, model_arch: dict[str, Any], process: Optional[Process] = None
                        ) -> Optional[tuple[int, dict[str, Any]]]:
     """Refuses (before anything is written) a workdir whose checkpoints are another model's,
-    or (given `process`) were trained for another process: that is said first, as it explains
-    the architecture's differences too (a flow model learns no sigma).
+    or (given `process`) were trained for another process (`resume_check.check_process`,
+    said first: the process may explain the architecture's differences).
 
     Returns (step, config item) of the newest step whose config reads; None without steps.
     """
@@ -78,12 +80,8 @@ class Checkpointer:
       return None
     step, config = checkpoints.first_readable(self.manager.all_steps(), self.saved_config,
                                               self.skipped, self.directory)
-    if process is not None and checkpoints.process_of(config) != process:
-      raise IncompatibleCheckpointError(
-          f"workdir: {self.directory} holds checkpoints (step {step}) trained for "
-          f"{checkpoints.process_of(config).describe()}; the config asks for "
-          f"{process.describe()} (config.process and its settings); use another --workdir. "
-          "Nothing was written.")
+    if process is not None:
+      resume_check.check_process(config, step, process, self.directory)
     saved = config.get("model", {})
     diff = sorted(k for k in set(saved) | set(model_arch) if saved.get(k) != model_arch.get(k))
     if diff:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import jax
 
 from dit_jax import checkpoints, fs
-from dit_jax.diffusion import process_from_config
+from dit_jax.diffusion import Process, process_from_config
 
 # Keys (or sections) that do not change what is trained: changed without asking.
 FREE = ("num_steps", "log_every_steps", "tensorboard", "checkpoint", "sample", "eval",
@@ -49,17 +49,25 @@ def run_config(config: Any) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def check_process(saved: dict[str, Any], step: int, process: Process, where: str) -> None:
+  """Refuses checkpoints (the `config` item `saved` of step `step` of `where`) trained for
+  another process than `process`: said before any architecture difference, which the process
+  may explain (a flow model learns no sigma)."""
+  trained = checkpoints.process_of(saved)
+  if trained != process:
+    raise ValueError(f"config.process: {where} step {step} was trained for "
+                     f"{trained.describe()}; the config asks for {process.describe()} "
+                     "(config.process and its settings); use another --workdir. Nothing was "
+                     "written.")
+
+
 def check_resume(saved: dict[str, Any], step: int, config: Any, where: str
                  ) -> dict[str, tuple[Any, Any]]:
   """Refuses a resume whose config changes what must not change; returns every change.
 
   saved: the `config` item of the checkpoint resumed from (step `step` of `where`).
   """
-  process = process_from_config(config)
-  if checkpoints.process_of(saved) != process:
-    raise ValueError(f"config.diffusion: {where} step {step} was trained for "
-                     f"{checkpoints.process_of(saved).describe()}, the config asks for "
-                     f"{process.describe()}; use another --workdir. Nothing was written.")
+  check_process(saved, step, process_from_config(config), where)
   old, new = flatten(saved.get("run", {})), flatten(run_config(config))
   # Keys only one side has (a config from an older version) are not compared.
   changes = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
