@@ -26,6 +26,7 @@ import time
 import jax
 
 from benchmarks.train_throughput import build_step
+from dit_jax import host_memory
 
 # An HLO instruction line: `%name = f32[8,256]{1,0} opcode(...)`, with its metadata.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
@@ -205,7 +206,9 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--out", default="profiles", help="traces and HLO go here")
   args = parser.parse_args()
-  print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  retained = host_memory.retain_freed_memory()  # as the programs do: before JAX starts
+  print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"freed host memory kept {retained}")
   for blocks in args.blocks:
     print(profile(args.variant, args.batch, args.dtype, blocks == "scanned", args.warmup,
                   args.steps, pathlib.Path(args.out), args.top, args.remat,

@@ -23,6 +23,8 @@ import re
 import sys
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from dit_jax import host_memory
+
 VERBOSE_ENV = "DIT_VERBOSE"  # set to 1: tracebacks for user errors too
 CONFIG_FLAG = "config"  # the name of the programs' config file flag
 
@@ -139,8 +141,13 @@ def run(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with one-line flag and config errors (see the module docstring)."""
+  """`absl.app.run(main)` with one-line flag and config errors (see the module docstring).
+
+  First, before anything starts JAX, a CPU-only run keeps the host memory XLA frees for its
+  next step (`host_memory.retain_freed_memory`).
+  """
   from absl import app  # pylint: disable=g-import-not-at-top
+  host_memory.retain_freed_memory()
   run(app.run, main, flags_parser=parse_absl_flags)
 
 
