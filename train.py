@@ -8,7 +8,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import cli, logs
+from dit_jax import cli, host_memory, logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
@@ -22,6 +22,9 @@ def main(argv):
   logs.setup()  # first: before JAX (or TensorFlow, where a tfds dataset needs it) logs anything
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
+  # Before JAX starts: a large CPU step's buffers outgrow a thread's malloc arena.
+  host_memory.retain_freed_memory(
+      one_arena=host_memory.large_train_step(FLAGS.config, FLAGS.num_processes))
   import jax  # after absl parsed the flags, so XLA_FLAGS from the environment apply
 
   cli.start_distributed()

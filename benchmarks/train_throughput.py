@@ -99,8 +99,11 @@ def main() -> None:
   parser.add_argument("--blocks", nargs="+", default=["scanned"], choices=["scanned", "unrolled"],
                       help="run the blocks under nn.scan, unrolled, or both (one row each)")
   args = parser.parse_args()
-  retained = host_memory.retain_freed_memory()  # as the programs do: before JAX starts
   batches = args.batch * len(args.variants) if len(args.batch) == 1 else args.batch
+  # As train.py does, before JAX starts: one malloc arena for steps with large activations.
+  retained = host_memory.retain_freed_memory(one_arena=any(
+      host_memory.large_activations(create_model(v, dtype=jnp.dtype(args.dtype)), b)
+      for v, b in zip(args.variants, batches)))
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}, "
         f"256 px (32x32x4 latents), remat {args.remat}, freed host memory kept {retained}")
   print("| model | blocks | batch | steps/s | img/s | MFU | peak GiB | compile s |")

@@ -1,21 +1,24 @@
 """Host memory of CPU runs: keep the memory XLA frees after a step for the next step.
 
 On the CPU backend every execution of a compiled program allocates its temporary buffer (1.2
-GB for the DiT-S/2 train step at batch 8) and its outputs, and frees them when it ends. glibc's
-malloc serves an allocation that large with a fresh `mmap` and gives it back with `munmap` on
-free: XLA's worker threads allocate from per-thread arenas, which fall back to `mmap` for any
-chunk larger than their 64 MB heaps, whatever the mmap threshold says. So each step touches a
-fresh 1.2 GB mapping: 300,000 page faults, each zeroing 4 KB in the kernel, about 10% of the
-step (benchmarks/README.md, "Page faults").
+GB for the DiT-S/2 train step at batch 8) and its outputs, and frees them when it ends. By
+default glibc's malloc gives large freed blocks back to the kernel (`munmap`, or trimming and
+`madvise` of its heaps), so the next step faults the same memory in again, page by page, each
+page zeroed by the kernel: 310,000 page faults a step for S/2, about 10% of it
+(benchmarks/README.md, "Page faults").
 
-`retain_freed_memory` makes every thread allocate from glibc's main arena (`M_ARENA_MAX` 1),
-from the heap rather than from mappings (`M_MMAP_MAX` 0), and never give freed memory back
-(`M_TRIM_THRESHOLD` -1): the second step reuses the first one's pages. It must run before JAX
-starts its backend (the threads take their arena when they start), and the process keeps the
-memory of its peak until it ends, which is what a training or sampling run wants. The programs
-call it at start (`cli.run_absl`), for CPU-only runs: with an accelerator the step's buffers
-live on the device, and host threads (input pipelines) are better served by several arenas.
-`DIT_RETAIN_HOST_MEMORY=0` turns it off; `=1` applies it whatever the platform.
+`retain_freed_memory` stops that: no `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming
+(`M_TRIM_THRESHOLD` -1). With `one_arena`, every thread also allocates from glibc's main arena
+(`M_ARENA_MAX` 1): XLA's worker threads allocate from per-thread arenas, whose heaps hold at
+most 64 MB, and a larger block (S/2's temporary buffer) is mapped afresh whatever the settings;
+but one arena's lock costs every allocation, which slows small, fast steps (the digits default:
+21 -> 31 steps/s without it, 16 with it). `large_train_step` decides from the config: one arena
+when the step's activations exceed the 64 MB heap. It must all happen before JAX starts its
+backend (threads take their arena when they start), and the process then keeps the memory of
+its peak until it ends, which is what a training or sampling run wants. The programs do it at
+start, for CPU-only runs (`cli.run_absl`; `train.py` with the arena choice): with an
+accelerator the step's buffers live on the device. `DIT_RETAIN_HOST_MEMORY=0` turns it off;
+`=1` applies it whatever the platform.
 """
 import ctypes
 import importlib.util
@@ -24,6 +27,7 @@ import os
 import pkgutil
 import platform
 import sys
+from typing import Any, Optional
 
 ENV = "DIT_RETAIN_HOST_MEMORY"  # 0: never; 1: also with accelerators; unset: CPU-only runs
 
@@ -31,6 +35,11 @@ ENV = "DIT_RETAIN_HOST_MEMORY"  # 0: never; 1: also with accelerators; unset: CP
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+ARENA_HEAP_BYTES = 64 * 2**20  # the largest block a thread's own glibc arena can serve
+
+# Bytes of saved activations per (image, token, hidden unit, block) of a float32 train step:
+# DiT-S/2 at batch 8 (256 tokens, hidden 384, 12 blocks) allocates a 1.16 GB temporary buffer.
+ACTIVATION_BYTES = 120
 
 
 def accelerator_plugins() -> list[str]:
@@ -57,8 +66,33 @@ def _backend_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
-def retain_freed_memory() -> bool:
-  """Keeps freed host memory for reuse (see the module docstring); True if it now does.
+def large_activations(model: Any, batch: float) -> bool:
+  """Whether a DiT's train step on `batch` images keeps more activations than a thread's arena
+  holds (`ACTIVATION_BYTES` per image, token, hidden unit and block; half in 16-bit compute)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  tokens = (model.input_size // model.patch_size) ** 2
+  scale = jnp.dtype(model.dtype).itemsize / 4
+  return (batch * tokens * model.hidden_size * model.depth * ACTIVATION_BYTES * scale
+          > ARENA_HEAP_BYTES)
+
+
+def large_train_step(config: Any, num_processes: Optional[int] = None) -> bool:
+  """`large_activations` of a training config's model and per-process batch. A config whose
+  model cannot be built is not large: the trainer reports it."""
+  from dit_jax import models  # pylint: disable=g-import-not-at-top
+  model_config = dict(config.model)
+  if model_config.get("scan_blocks") is None:
+    model_config["scan_blocks"] = False  # not the default's backend query: JAX has not started
+  try:
+    model = models.build_model(model_config)
+  except (ValueError, TypeError):
+    return False
+  return large_activations(model, config.batch_size / max(num_processes or 1, 1))
+
+
+def retain_freed_memory(one_arena: bool = False) -> bool:
+  """Keeps freed host memory for reuse, with every thread on one arena if `one_arena` (see the
+  module docstring); True if it now does.
 
   Does nothing, returning False, where it cannot help: not glibc, an accelerator expected (unless
   DIT_RETAIN_HOST_MEMORY=1), DIT_RETAIN_HOST_MEMORY=0, or JAX's backend already started.
@@ -72,7 +106,7 @@ def retain_freed_memory() -> bool:
     logging.info("host memory: JAX's backend has started, too late to keep freed memory")
     return False
   libc = ctypes.CDLL("libc.so.6")
-  done = all(libc.mallopt(param, value) == 1 for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-  logging.info("host memory: freed memory kept for reuse: %s", done)
+  settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)] + [(_M_ARENA_MAX, 1)] * one_arena
+  done = all(libc.mallopt(param, value) == 1 for param, value in settings)
+  logging.info("host memory: freed memory kept for reuse: %s (one arena: %s)", done, one_arena)
   return done
