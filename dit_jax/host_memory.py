@@ -103,10 +103,10 @@ def retain_freed_memory(one_arena: bool = False) -> bool:
   if setting != "1" and accelerator_plugins():
     return False
   if _backend_started():
-    logging.info("host memory: JAX's backend has started, too late to keep freed memory")
+    logging.debug("host memory: JAX's backend has started, too late to keep freed memory")
     return False
   libc = ctypes.CDLL("libc.so.6")
   settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)] + [(_M_ARENA_MAX, 1)] * one_arena
   done = all(libc.mallopt(param, value) == 1 for param, value in settings)
-  logging.info("host memory: freed memory kept for reuse: %s (one arena: %s)", done, one_arena)
+  logging.debug("host memory: freed memory kept for reuse: %s (one arena: %s)", done, one_arena)
   return done

@@ -15,8 +15,8 @@ GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 glibc_only = pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 MB = 96  # above glibc's largest mmap threshold (32 MB) and a thread arena's heap (64 MB)
 
-# Allocates and frees a 96 MB block 20 times, as a train step's temporary buffer is, then prints
-# `kept` and the page faults of the last 8 times. XLA: the output of a jitted function (which
+# Allocates and frees a 96 MB block 40 times, as a train step's temporary buffer is, then prints
+# `kept` and the page faults of the last 10 times. XLA: the output of a jitted function (which
 # XLA's threads allocate), or a bytearray of the main thread.
 PROGRAM = """
 import resource
@@ -26,8 +26,8 @@ def main(argv):
   import jax, jax.numpy as jnp
   x = jnp.zeros(({mb} * 256, 1024), jnp.float32)
   add = jax.jit(lambda x: x + 1)
-  for call in range(20):  # the heap grows while freed buffers are still being released
-    if call == 12:
+  for call in range(40):  # the heap grows while freed buffers are still being released
+    if call == 30:
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     if {xla}:
       y = add(x)
@@ -42,7 +42,7 @@ def main(argv):
 
 
 def faults(setup: str, xla: bool, run: str = "main([])", **env: str) -> tuple[str, float]:
-  """(kept, page faults of the last 8 blocks, in blocks)."""
+  """(kept, page faults of the last 10 blocks, in blocks: 10 when each is mapped afresh)."""
   program = PROGRAM.format(mb=MB, setup=setup, xla=xla, run=run)
   result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           check=True, timeout=300,
@@ -54,26 +54,26 @@ def faults(setup: str, xla: bool, run: str = "main([])", **env: str) -> tuple[st
 @glibc_only
 def test_freed_memory_is_reused_without_page_faults():
   kept, blocks = faults("kept = host_memory.retain_freed_memory()", xla=False)
-  assert kept == "True" and blocks < 1, blocks
+  assert kept == "True" and blocks < 4, blocks
   # By default every block is mapped afresh and faulted in again (what this is for).
   kept, blocks = faults("kept = host_memory.retain_freed_memory()", xla=False,
                         DIT_RETAIN_HOST_MEMORY="0")
-  assert kept == "False" and blocks > 6, blocks
+  assert kept == "False" and blocks > 9, blocks
 
 
 @glibc_only
 def test_xla_buffers_larger_than_a_thread_arena_need_one_arena():
   kept, blocks = faults("kept = host_memory.retain_freed_memory()", xla=True)
-  assert kept == "True" and blocks > 6, blocks  # mapped afresh by XLA's threads' arenas
+  assert kept == "True" and blocks > 9, blocks  # mapped afresh by XLA's threads' arenas
   kept, blocks = faults("kept = host_memory.retain_freed_memory(one_arena=True)", xla=True)
-  assert kept == "True" and blocks < 1, blocks
+  assert kept == "True" and blocks < 4, blocks
 
 
 @glibc_only
 def test_too_late_once_jax_started():
   kept, blocks = faults("import jax; jax.devices()\n"
                         "kept = host_memory.retain_freed_memory(one_arena=True)", xla=True)
-  assert kept == "False" and blocks > 6, blocks
+  assert kept == "False" and blocks > 9, blocks
 
 
 @glibc_only
@@ -81,7 +81,7 @@ def test_programs_keep_freed_memory():
   """`cli.run_absl`, the start of every program, keeps freed memory before JAX starts."""
   kept, blocks = faults("import sys; sys.argv = ['program']; kept = 'run_absl'", xla=False,
                         run="cli.run_absl(main)")
-  assert kept == "run_absl" and blocks < 1, blocks
+  assert kept == "run_absl" and blocks < 4, blocks
 
 
 def test_large_train_steps():
