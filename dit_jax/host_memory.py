@@ -77,17 +77,18 @@ def large_activations(model: Any, batch: float) -> bool:
 
 
 def large_train_step(config: Any, num_processes: Optional[int] = None) -> bool:
-  """`large_activations` of a training config's model and per-process batch. A config whose
-  model cannot be built is not large: the trainer reports it."""
+  """`large_activations` of a training config's model and per-process batch. A config that does
+  not describe one (a missing key, a value of the wrong type or range) is not large: the
+  trainer reports what is wrong with it."""
   from dit_jax import models  # pylint: disable=g-import-not-at-top
   model_config = dict(config.model)
   if model_config.get("scan_blocks") is None:
     model_config["scan_blocks"] = False  # not the default's backend query: JAX has not started
   try:
     model = models.build_model(model_config)
-  except (ValueError, TypeError):
+    return large_activations(model, config.batch_size / max(num_processes or 1, 1))
+  except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError):
     return False
-  return large_activations(model, config.batch_size / max(num_processes or 1, 1))
 
 
 def retain_freed_memory(one_arena: bool = False) -> bool:

@@ -92,8 +92,13 @@ def test_large_train_steps():
   config.batch_size, config.model.dtype = 8, "float32"
   assert host_memory.large_train_step(config)
   assert not host_memory.large_train_step(config, num_processes=32)  # a quarter image each
-  config.model.variant = "Q/2"  # reported by the trainer, not here
-  assert not host_memory.large_train_step(config)
+  for key, value in (("model.variant", "Q/2"), ("model.patch_size", 0),
+                     ("model.hidden_size", "wide"), ("batch_size", None)):
+    bad = config.copy_and_resolve_references()
+    section, _, name = key.rpartition(".")
+    with bad.unlocked():
+      setattr(bad[section] if section else bad, name, value)
+    assert not host_memory.large_train_step(bad), key  # reported by the trainer, not here
   model = create_model("S/2")
   assert host_memory.large_activations(model, 1)  # 141 MB
   assert not host_memory.large_activations(model.clone(dtype="bfloat16"), 0.5)  # 35 MB
