@@ -60,10 +60,16 @@ def accelerator_plugins() -> list[str]:
 
 
 def _backend_started() -> bool:
+  """Whether JAX has started its backends (False where this jax cannot tell: applying the
+  settings late is harmless, they just miss the threads that exist)."""
   if "jax" not in sys.modules:
     return False
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return xla_bridge.backends_are_initialized()
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
 
 
 def large_activations(model: Any, batch: float) -> bool:
