@@ -24,11 +24,8 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
-from benchmarks.train_throughput import build_step
-from dit_jax import host_memory
-from dit_jax.models import create_model
+from benchmarks.train_throughput import build_step, retain_host_memory
 
 # An HLO instruction line: `%name = f32[8,256]{1,0} opcode(...)`, with its metadata.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
@@ -208,9 +205,7 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--out", default="profiles", help="traces and HLO go here")
   args = parser.parse_args()
-  # As train.py does, before JAX starts: one malloc arena for steps with large activations.
-  retained = host_memory.retain_freed_memory(one_arena=host_memory.large_activations(
-      create_model(args.variant, dtype=jnp.dtype(args.dtype)), args.batch))
+  retained = retain_host_memory([args.variant], [args.batch], args.dtype)
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"freed host memory kept {retained}")
   for blocks in args.blocks:

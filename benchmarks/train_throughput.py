@@ -62,6 +62,14 @@ def build_step(variant: str, batch: int, dtype: str, remat: str | None,
   return model, step, state, batch_arrays
 
 
+def retain_host_memory(variants: list[str], batches: list[int], dtype: str) -> bool:
+  """As train.py does, before JAX starts: freed host memory kept for the next step, with one
+  malloc arena if any variant's step has large activations (`dit_jax.host_memory`)."""
+  return host_memory.retain_freed_memory(one_arena=any(
+      host_memory.large_activations(create_model(v, dtype=jnp.dtype(dtype)), b)
+      for v, b in zip(variants, batches)))
+
+
 def measure(variant: str, batch: int, dtype: str, steps: int, remat: str | None,
             attention: str | None, scan_blocks: bool = True) -> dict[str, float]:
   model, step, state, batch_arrays = build_step(variant, batch, dtype, remat, attention,
@@ -100,10 +108,7 @@ def main() -> None:
                       help="run the blocks under nn.scan, unrolled, or both (one row each)")
   args = parser.parse_args()
   batches = args.batch * len(args.variants) if len(args.batch) == 1 else args.batch
-  # As train.py does, before JAX starts: one malloc arena for steps with large activations.
-  retained = host_memory.retain_freed_memory(one_arena=any(
-      host_memory.large_activations(create_model(v, dtype=jnp.dtype(args.dtype)), b)
-      for v, b in zip(args.variants, batches)))
+  retained = retain_host_memory(args.variants, batches, args.dtype)
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}, "
         f"256 px (32x32x4 latents), remat {args.remat}, freed host memory kept {retained}")
   print("| model | blocks | batch | steps/s | img/s | MFU | peak GiB | compile s |")
