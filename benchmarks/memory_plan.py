@@ -122,8 +122,9 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
 
   side = job["image_size"] // 8
   overrides = {"num_classes": 1000, **job.get("overrides", {})}
+  # The accelerators' program: one scanned block (on CPU the blocks would be unrolled).
   model = create_model(job["variant"], input_size=side, dtype=jnp.bfloat16, scan_blocks=True,
-                       remat_policy=job["remat"], **overrides)
+                       scan_unroll=1, remat_policy=job["remat"], **overrides)
   tx, schedule = state_lib.make_optimizer(OPTIMIZER)
   sizes = tuple(job["mesh"])
   mesh = shd.make_mesh(shd.MESH_AXES, sizes, devices=jax.devices()[:math.prod(sizes)])

@@ -37,7 +37,8 @@ def latents(batch, rng, frozen):
 
 
 def build_step(variant: str, batch: int, dtype: str, remat: str | None,
-               attention: str | None, scan_blocks: bool = True, input_size: int = 32):
+               attention: str | None, scan_blocks: bool = True, input_size: int = 32,
+               scan_unroll: int | None = None):
   """The trainer's jitted, state-donating step for a variant, with a state and a random batch.
 
   Returns (model, jitted step, state, batch arrays): the trainer's layout with its default mesh
@@ -45,7 +46,7 @@ def build_step(variant: str, batch: int, dtype: str, remat: str | None,
   """
   model = create_model(variant, input_size=input_size, num_classes=1000,
                        dtype=jnp.dtype(dtype), scan_blocks=scan_blocks, remat_policy=remat,
-                       attention_impl=attention)
+                       attention_impl=attention, scan_unroll=scan_unroll)
   tx, schedule = state_lib.make_optimizer(OPTIMIZER)
   mesh = shd.make_mesh(shd.MESH_AXES, (-1, 1, 1))
   shape = (batch, input_size, input_size, 4)
@@ -71,9 +72,10 @@ def retain_host_memory(variants: list[str], batches: list[int], dtype: str) -> b
 
 
 def measure(variant: str, batch: int, dtype: str, steps: int, remat: str | None,
-            attention: str | None, scan_blocks: bool = True) -> dict[str, float]:
+            attention: str | None, scan_blocks: bool = True,
+            scan_unroll: int | None = None) -> dict[str, float]:
   model, step, state, batch_arrays = build_step(variant, batch, dtype, remat, attention,
-                                                scan_blocks)
+                                                scan_blocks, scan_unroll=scan_unroll)
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays, rng, None).compile()
@@ -106,17 +108,21 @@ def main() -> None:
   parser.add_argument("--attention", default=None, help="None | xla | cudnn")
   parser.add_argument("--blocks", nargs="+", default=["scanned"], choices=["scanned", "unrolled"],
                       help="run the blocks under nn.scan, unrolled, or both (one row each)")
+  parser.add_argument("--scan_unroll", type=int, default=None,
+                      help="blocks per iteration of the scan (default: the backend's, "
+                           "dit_jax.models.dit.default_scan_unroll: all on CPU, 1 elsewhere)")
   args = parser.parse_args()
   batches = args.batch * len(args.variants) if len(args.batch) == 1 else args.batch
   retained = retain_host_memory(args.variants, batches, args.dtype)
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}, "
-        f"256 px (32x32x4 latents), remat {args.remat}, freed host memory kept {retained}")
+        f"256 px (32x32x4 latents), remat {args.remat}, scan unroll "
+        f"{args.scan_unroll or 'default'}, freed host memory kept {retained}")
   print("| model | blocks | batch | steps/s | img/s | MFU | peak GiB | compile s |")
   print("|---|---|---|---|---|---|---|---|")
   for variant, batch in zip(args.variants, batches):
     for blocks in args.blocks:
       r = measure(variant, batch, args.dtype, args.steps, args.remat, args.attention,
-                  scan_blocks=blocks == "scanned")
+                  scan_blocks=blocks == "scanned", scan_unroll=args.scan_unroll)
       print(f"| DiT-{variant} | {blocks} | {batch} | {r['steps_per_sec']:.2f} | "
             f"{r['images_per_sec']:.2f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | "
             f"{r['compile_s']:.1f} |", flush=True)

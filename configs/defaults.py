@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   # H100, benchmarks/README.md), under nn.scan elsewhere (one compiled block: compile time
   # independent of depth). True / False force one layout.
   config.model.scan_blocks = optional(bool)
+  # Blocks per iteration of that scan; None: all of them on CPU (XLA's CPU loop stacks every
+  # residual: 1.25x slower for DiT-S/2), 1 elsewhere (compile time independent of depth).
+  config.model.scan_unroll = optional(int)
   config.model.remat_policy = optional(str)  # e.g. "nothing_saveable".
   config.model.attention_impl = optional(str)  # None | "xla" | "cudnn".
 

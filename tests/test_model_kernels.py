@@ -2,7 +2,7 @@
 
 Each replaces a form that XLA on CPU ran slowly (benchmarks/README.md): a 2-D Dense, attention
 with heads-major operands and a softmax whose backward keeps only the probabilities, and a fence
-on the residual cotangent between unrolled blocks.
+on the residual cotangent between unrolled blocks (and unrolled iterations of the block scan).
 """
 import re
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dit_jax.models import DiT, init_params, stack_block_params
+from dit_jax.models import dit as dit_lib
 from dit_jax.models import layers
 
 
@@ -123,11 +124,15 @@ def _loss_grad(model: DiT, params):
   return jax.jit(jax.grad(loss)), params
 
 
-def _widest_fusion(model: DiT, params) -> int:
+def _widest_fusion(model: DiT, params, stacking: bool = True) -> int:
+  """Operands of the backward's widest fusion; without `stacking`, leaving out the fusions
+  that concatenate per-block values (XLA names a fusion after its root), which the scanned
+  layout's stacked gradients need: they read each block's values once."""
   grad, params = _loss_grad(model, params)
   hlo = grad.lower(params).compile().as_text()
   return max(len(re.findall(r"%[\w.\-]+", line.split(" fusion(", 1)[1].split(")")[0]))
-             for line in hlo.splitlines() if " fusion(" in line)
+             for line in hlo.splitlines()
+             if " fusion(" in line and (stacking or "concatenate" not in line.split("=")[0]))
 
 
 def test_unrolled_backward_has_no_fusion_spanning_the_blocks(monkeypatch):
@@ -143,17 +148,52 @@ def test_unrolled_backward_has_no_fusion_spanning_the_blocks(monkeypatch):
   assert unfenced > fenced[6] + 10, (unfenced, fenced)
 
 
-def test_fenced_unrolled_gradient_is_the_scanned_gradient():
+@pytest.mark.parametrize("scan_unroll", [None, 1, 4])
+def test_fenced_unrolled_gradient_is_the_scanned_gradient(scan_unroll):
+  """The scanned layout gives the unrolled gradient whether its loop runs rolled (1), fully
+  unrolled (None: CPU's default) or partly (4 of 6 blocks per iteration, a remainder of 2)."""
   model = _unrolled_model()
   params = init_params(model, jax.random.key(0))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
                         params)
   grad, _ = _loss_grad(model, params)
-  grad_scanned, _ = _loss_grad(model.clone(scan_blocks=True), None)
+  grad_scanned, _ = _loss_grad(model.clone(scan_blocks=True, scan_unroll=scan_unroll), None)
   got = stack_block_params(grad(params), model.depth)
   expected = grad_scanned(stack_block_params(params, model.depth))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got,
                expected)
+
+
+def test_scanned_blocks_run_straight_on_cpu_and_as_a_loop_when_asked(monkeypatch):
+  """On CPU the scanned layout compiles, by default, without a loop (XLA's loop stacks the
+  residuals); `scan_unroll=1` keeps the loop. Unrolled, its backward is fenced like the
+  unrolled layout's: apart from the stacked gradients, the widest fusion is one block's,
+  whatever the depth; unfenced, it grows with depth."""
+  def program(depth, **kw):
+    model = _unrolled_model(depth=depth, scan_blocks=True, **kw)
+    params = init_params(model, jax.random.key(0))
+    return _loss_grad(model, params)[0].lower(params).compile().as_text(), model, params
+
+  straight, _, _ = program(3)
+  rolled, _, _ = program(3, scan_unroll=1)
+  assert " while(" not in straight and " while(" in rolled
+  fenced = {depth: _widest_fusion(*program(depth)[1:], stacking=False) for depth in (3, 6)}
+  assert fenced[6] == fenced[3], fenced
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the model leaves the fence out
+  unfenced = _widest_fusion(*program(6, scan_unroll=6)[1:], stacking=False)
+  assert unfenced > fenced[6] + 10, (unfenced, fenced)
+
+
+def test_default_scan_unroll_is_every_block_on_cpu_only():
+  assert dit_lib.default_scan_unroll(28, "cpu") == 28
+  assert dit_lib.default_scan_unroll(28, "gpu") == 1 and dit_lib.default_scan_unroll(28, "tpu") == 1
+  assert dit_lib.default_scan_unroll(12) == 12  # this machine is a CPU
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "all"])
+def test_scan_unroll_is_checked(value):
+  with pytest.raises(ValueError, match="^scan_unroll: must be None or a positive integer"):
+    _unrolled_model(scan_blocks=True, scan_unroll=value)
 
 
 def test_attention_impl_is_checked():

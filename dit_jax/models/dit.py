@@ -24,7 +24,8 @@ LOGICAL_AXES = ("layers", "embed", "mlp", "qkv", "heads", "adaln", "patch", "out
                 "time_freq", "time_embed", "classes", "bias", "tokens")
 
 # The fields that define a model's parameters and outputs (saved with checkpoints). The
-# remaining fields (dtype, scan_blocks, remat_policy, attention_impl) only change how it runs.
+# remaining fields (dtype, scan_blocks, scan_unroll, remat_policy, attention_impl) only change how
+# it runs.
 ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma")
 
@@ -42,6 +43,9 @@ class DiT(nn.Module):
     scan_blocks: run the blocks under `nn.scan` (one compiled block, compile time independent
       of depth); parameters are then stacked with a leading `depth` axis under `blocks`
       (see `stack_block_params` / `unstack_block_params`).
+    scan_unroll: blocks run per iteration of that scan (`nn.scan(unroll=...)`; the parameters
+      stay stacked whatever it is). None: `default_scan_unroll` (all of them on CPU, 1
+      elsewhere).
     remat_policy: None (no rematerialization) or the name of a `jax.checkpoint_policies`
       entry (e.g. "nothing_saveable" for full remat, "dots_saveable").
     attention_impl: None or "xla" (XLA's fusions, `layers.heads_major_attention`) or "cudnn"
@@ -60,6 +64,7 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scan_blocks: bool = False
+  scan_unroll: Optional[int] = None
   remat_policy: Optional[str] = None
   attention_impl: Optional[str] = None
 
@@ -132,27 +137,30 @@ class DiT(nn.Module):
     return unpatchify(x.astype(jnp.float32), p, self.out_channels)
 
   def _blocks(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    unroll = (self.scan_unroll or default_scan_unroll(self.depth)) if self.scan_blocks else 0
     block_cls = layers.DiTBlock
     if self.remat_policy is not None:
       policy = getattr(jax.checkpoint_policies, self.remat_policy)
-      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_blocks)
+      # A rolled loop's body already keeps XLA from merging the recomputation with the forward.
+      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=unroll != 1)
     kwargs = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
                   mlp_ratio=self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype,
                   attention_impl=self.attention_impl)
+    # XLA on CPU would recompute the backward's residual chain across straight-line blocks
+    # (see `layers.cotangent_fence`); accelerators' fusion heuristics do not, and a conditional
+    # on a GPU waits for its predicate on the host.
+    cpu = jax.default_backend() == "cpu"
     if self.scan_blocks:
+      # Unrolled iterations are straight-line code as well: fenced inside the scanned body.
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast,), length=self.depth,
+                        in_axes=(nn.broadcast,), length=self.depth, unroll=unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       # Explicit names keep parameter paths independent of the remat switch.
-      x, _ = scanned(**kwargs, name="blocks")(x, c)
+      x, _ = scanned(**kwargs, fence=cpu and unroll > 1, name="blocks")(x, c)
     else:
-      # XLA on CPU would recompute the backward's residual chain across blocks (see
-      # `layers.cotangent_fence`); accelerators' fusion heuristics do not, and a conditional
-      # on a GPU waits for its predicate on the host.
-      fence = jax.default_backend() == "cpu"
       for i in range(self.depth):
         x, _ = block_cls(**kwargs, name=f"blocks_{i}")(x, c)
-        x = layers.cotangent_fence(x) if fence else x
+        x = layers.cotangent_fence(x) if cpu else x
     return x
 
   def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale: float,
@@ -210,6 +218,11 @@ def _validate(model: DiT) -> None:
   if model.attention_impl not in (None, "xla", "cudnn"):
     raise ValueError(f"attention_impl: expected None, 'xla' or 'cudnn', got "
                      f"{model.attention_impl!r}")
+  if model.scan_unroll is not None and (
+      not isinstance(model.scan_unroll, (int, np.integer)) or isinstance(model.scan_unroll, bool)
+      or model.scan_unroll <= 0):
+    raise ValueError(f"scan_unroll: must be None or a positive integer, got "
+                     f"{model.scan_unroll!r}")
   if model.remat_policy is not None and not hasattr(jax.checkpoint_policies,
                                                     model.remat_policy):
     raise ValueError(f"remat_policy: unknown jax.checkpoint_policies entry "
@@ -291,10 +304,10 @@ def build_model(config: Any) -> DiT:
   `class_dropout_prob`, optional architecture overrides (`depth`, `hidden_size`, `num_heads`,
   `patch_size`, `mlp_ratio`; None keeps the variant's value) and the runtime settings `dtype`
   ("float32" / "bfloat16"), `param_dtype`, `scan_blocks` (None: `default_scan_blocks()`),
-  `remat_policy`, `attention_impl`.
+  `scan_unroll` (None: `default_scan_unroll`), `remat_policy`, `attention_impl`.
   """
   config = dict(config)
-  known = set(ARCH_FIELDS) | {"variant", "dtype", "param_dtype", "scan_blocks",
+  known = set(ARCH_FIELDS) | {"variant", "dtype", "param_dtype", "scan_blocks", "scan_unroll",
                               "remat_policy", "attention_impl"}
   unknown = sorted(set(config) - known)
   if unknown:
@@ -318,3 +331,13 @@ def default_scan_blocks(backend: Optional[str] = None) -> bool:
   thirds of the memory; benchmarks/README.md). Scanned elsewhere: one compiled block, so compile
   time does not grow with depth (TPUs were not measured)."""
   return (backend or jax.default_backend()) != "gpu"
+
+
+def default_scan_unroll(depth: int, backend: Optional[str] = None) -> int:
+  """Blocks per iteration of the block scan when `model.scan_unroll` is None, for `backend`
+  (default: JAX's). All `depth` of them on CPU: XLA's CPU loop writes every residual the
+  backward needs into a zero-filled `[depth, ...]` stack and copies each slice out again, which
+  made DiT-S/2's scanned step 1.25x slower than the unrolled one; unrolled, the scanned layout
+  compiles to the unrolled program (same speed, compile time growing with depth;
+  benchmarks/README.md). 1 elsewhere: one compiled block, compile time independent of depth."""
+  return depth if (backend or jax.default_backend()) == "cpu" else 1

@@ -278,7 +278,8 @@ class DiTBlock(nn.Module):
 
   The modulation Linear is zero-initialized (the "Zero" of adaLN-Zero): every gate starts at
   zero, so each block starts as the identity and the network as a whole outputs zeros.
-  The signature (carry, c) -> (carry, None) lets the same module run under `nn.scan`.
+  The signature (carry, c) -> (carry, None) lets the same module run under `nn.scan`;
+  `fence` passes the output through `cotangent_fence` (unrolled scans on CPU).
   """
   hidden_size: int
   num_heads: int
@@ -286,6 +287,7 @@ class DiTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  fence: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, None]:
@@ -303,7 +305,8 @@ class DiTBlock(nn.Module):
               self.param_dtype, name="mlp")
     h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
     x = x + gate_mlp[:, None, :] * mlp(h)
-    return nn.with_logical_constraint(x, TOKENS), None
+    x = nn.with_logical_constraint(x, TOKENS)
+    return (cotangent_fence(x) if self.fence else x), None
 
 
 class FinalLayer(nn.Module):
