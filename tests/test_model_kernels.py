@@ -112,6 +112,37 @@ def test_cotangent_fence_is_the_identity_and_its_gradient_too():
                                 jnp.full_like(y, 2.0))
 
 
+def test_cpu_attention_is_the_plain_forward_and_gradient():
+  """`cpu_attention` (used on CPU for float32 with a power-of-two scale): the forward's bits,
+  and the gradient of the plain formulation up to rounding (another summation order)."""
+  q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 3, 33, 16)) for i in range(4))
+
+  def plain(q, k, v):
+    return jnp.einsum("bnqk,bnkh->bnqh",
+                      jax.nn.softmax(jnp.einsum("bnqh,bnkh->bnqk", q, k), axis=-1), v)
+  np.testing.assert_array_equal(jax.jit(layers.cpu_attention)(q, k, v), jax.jit(plain)(q, k, v))
+  got = jax.jit(lambda *a: jax.vjp(layers.cpu_attention, *a)[1](g))(q, k, v)
+  expected = jax.jit(lambda *a: jax.vjp(plain, *a)[1](g))(q, k, v)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_backward_computes_the_transposed_key_and_value_gradients():
+  """The gradients of k and v stay in the form XLA's CPU dot runs fast: every dot of the
+  attention backward that contracts the token axis leading both operands has the small operand
+  first and gives [..., head_dim, tokens]; XLA folds a plain transpose back into
+  [..., tokens, head_dim] from the probabilities, the slow form."""
+  tokens, head_dim = 24, 16
+  qkv = jax.random.normal(jax.random.key(0), (2, tokens, 3, 2, head_dim))
+  g = jax.random.normal(jax.random.key(1), (2, tokens, 2, head_dim))
+  grad = jax.jit(lambda x: jax.vjp(lambda x: layers.heads_major_attention(x, 0.25), x)[1](g))
+  leading = [line.split("=", 1)[1].split("dot(")[0].strip()
+             for line in grad.lower(qkv).compile().as_text().splitlines()
+             if " dot(" in line and "lhs_contracting_dims={2}" in line
+             and "rhs_contracting_dims={2}" in line]
+  assert leading == [f"f32[2,2,{head_dim},{tokens}]{{3,2,1,0}}"] * 2, leading
+
+
 def _unrolled_model(depth: int = 6, **kw) -> DiT:
   return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth,
              num_heads=4, num_classes=10, **kw)
