@@ -435,7 +435,9 @@ def test_resume_with_a_changed_config(tmp_path, caplog):
   check = functools.partial(resume_check.check_resume, saved, 300, where="ckpts")
   config = tiny_config()
   config.num_steps, config.sample.cfg_scale, config.mesh.axis_sizes = 9000, 2.0, (1, -1, 1)
-  assert set(check(config)) == {"num_steps", "sample.cfg_scale", "mesh.axis_sizes"}  # free
+  config.model.scan_unroll = 1
+  assert set(check(config)) == {"num_steps", "sample.cfg_scale", "mesh.axis_sizes",
+                                "model.scan_unroll"}  # free
   config.batch_size, config.optimizer.learning_rate, config.seed = 64, 2e-3, 7
   with pytest.raises(ValueError) as refused:
     check(config)

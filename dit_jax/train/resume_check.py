@@ -24,8 +24,8 @@ from dit_jax.diffusion import Process, process_from_config
 # Keys (or sections) that do not change what is trained: changed without asking.
 FREE = ("num_steps", "log_every_steps", "tensorboard", "checkpoint", "sample", "eval",
         "data.num_threads", "data.prefetch", "mesh", "axis_rules", "model.scan_blocks",
-        "model.remat_policy", "model.attention_impl", "init_from", "resume_changes",
-        "latents_cache_dir", "profile_steps")
+        "model.scan_unroll", "model.remat_policy", "model.attention_impl", "init_from",
+        "resume_changes", "latents_cache_dir", "profile_steps")
 HISTORY = "config_history.jsonl"
 
 
