@@ -178,3 +178,26 @@ def test_the_sampling_benchmark_runs_every_registered_sampler():
       assert int(nfe) == 4, name
       # (random weights: values in the hundreds, float32 rounding differing between programs)
       np.testing.assert_allclose(stepwise(), compiled, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_a_fully_unrolled_scan_samples_in_the_unrolled_layout():
+  """A scanned model whose scan runs unrolled (CPU's default) samples in the unrolled layout,
+  its weights taken out of their stacks once (`straight_layout`), with the samples of the
+  scanned model run as a loop; a rolled scan (`scan_unroll=1`) keeps its layout."""
+  from dit_jax.models import DiT
+  from dit_jax.samplers import guidance
+  model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=4,
+              num_classes=10, scan_blocks=True)
+  params = init_params(model, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        params)  # adaLN-Zero starts as the identity: give the blocks weight
+  straight, unstacked = guidance.straight_layout(model, params)
+  assert not straight.scan_blocks and "blocks" not in unstacked
+  assert {f"blocks_{i}" for i in range(3)} <= set(unstacked)
+  rolled = model.clone(scan_unroll=1)
+  assert guidance.straight_layout(rolled, params) == (rolled, params)
+  labels, rng = jnp.array([1, 7]), jax.random.key(2)
+  got = guidance.make_sample_fn(model, sampler="ddim", num_steps=3)(params, labels, rng)
+  expected = guidance.make_sample_fn(rolled, sampler="ddim", num_steps=3)(params, labels, rng)
+  assert float(jnp.std(expected)) > 0.1
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
