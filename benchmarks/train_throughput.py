@@ -31,7 +31,8 @@ OPTIMIZER = types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, 
 
 
 # Steps run before timing: on CPU, with freed memory kept (`dit_jax.host_memory`), the first
-# steps still grow the heap; the first variant of a run measured 3-8% slow after one step.
+# steps still grow the heap. A run's first layout still measured a few percent slower than in a
+# process of its own, so README's CPU rows run one layout per process.
 WARMUP_STEPS = 3
 
 

@@ -77,6 +77,14 @@ class DiT(nn.Module):
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @property
+  def blocks_per_scan_iteration(self) -> int:
+    """Blocks run per iteration of the block scan: `scan_unroll`, else `default_scan_unroll`;
+    0 when the blocks are not scanned."""
+    if not self.scan_blocks:
+      return 0
+    return self.scan_unroll or default_scan_unroll(self.depth)
+
+  @property
   def num_tokens(self) -> int:
     return (self.input_size // self.patch_size) ** 2
 
@@ -137,7 +145,7 @@ class DiT(nn.Module):
     return unpatchify(x.astype(jnp.float32), p, self.out_channels)
 
   def _blocks(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    unroll = (self.scan_unroll or default_scan_unroll(self.depth)) if self.scan_blocks else 0
+    unroll = self.blocks_per_scan_iteration
     block_cls = layers.DiTBlock
     if self.remat_policy is not None:
       policy = getattr(jax.checkpoint_policies, self.remat_policy)

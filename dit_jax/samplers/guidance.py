@@ -16,16 +16,15 @@ from dit_jax import samplers
 from dit_jax.diffusion import OFFICIAL_PROCESS, Process
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.models import DiT, unstack_block_params
-from dit_jax.models.dit import default_scan_unroll
 from dit_jax.samplers.loop import SamplerOptions
 
 
 def straight_layout(model: DiT, params: Any) -> tuple[DiT, Any]:
   """(model, params) for sampling: a scanned model whose scan runs fully unrolled (CPU's
-  default, `models.dit.default_scan_unroll`) in the unrolled layout, its weights taken out of
+  default, `DiT.blocks_per_scan_iteration`) in the unrolled layout, its weights taken out of
   their stacks once; in the scanned one, a sampling loop sliced them out at every step (3% of
   guided DiT-S/2 sampling on CPU). The same computation; any other model as it is."""
-  if model.scan_blocks and (model.scan_unroll or default_scan_unroll(model.depth)) >= model.depth:
+  if model.blocks_per_scan_iteration >= model.depth:
     return model.clone(scan_blocks=False, scan_unroll=None), unstack_block_params(params)
   return model, params
 
