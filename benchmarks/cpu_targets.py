@@ -78,10 +78,14 @@ def digits_end_to_end() -> float:
   """Seconds of `train.py --config configs/digits.py` (training and grading) in a fresh workdir."""
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
-                    str(ROOT / "configs" / "digits.py"), "--workdir", workdir], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
+                          str(ROOT / "configs" / "digits.py"), "--workdir", workdir], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+  if run.returncode:
+    raise RuntimeError(f"train.py --config configs/digits.py failed (exit {run.returncode}):\n"
+                       + "\n".join(run.stderr.splitlines()[-20:]))
+  return seconds
 
 
 # (name, function, keyword arguments from the settings, unit, official row it is compared to)

@@ -85,3 +85,11 @@ def test_nonpositive_settings_are_refused_naming_the_flag(flag, capsys):
     cpu_targets.parse_args([flag, "0"])
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert flag in err and "at least 1" in err
+
+
+def test_a_failing_digits_run_says_why(tmp_path, monkeypatch):
+  (tmp_path / "train.py").write_text(
+      "import sys\nprint('config: no such file', file=sys.stderr)\nsys.exit(3)\n")
+  monkeypatch.setattr(cpu_targets, "ROOT", tmp_path)
+  with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 3\).*config: no such file"):
+    cpu_targets.digits_end_to_end()
