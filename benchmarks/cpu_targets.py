@@ -20,6 +20,7 @@ fixture). With --out the figures are written as JSON, never over an existing fil
 """
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -167,6 +168,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       parser.error(f"--{field} must be at least 1, got {getattr(args, field)}")
   if args.out and os.path.exists(args.out):
     parser.error(f"--out {args.out} exists; it is never overwritten")
+  if importlib.util.find_spec("torch") is None:  # the official side runs on PyTorch
+    parser.error("the official side needs torch: pip install -r requirements-dev.txt")
   return args
 
 

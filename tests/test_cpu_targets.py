@@ -93,3 +93,12 @@ def test_a_failing_digits_run_says_why(tmp_path, monkeypatch):
   monkeypatch.setattr(cpu_targets, "ROOT", tmp_path)
   with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 3\).*config: no such file"):
     cpu_targets.digits_end_to_end()
+
+
+def test_without_torch_the_error_says_how_to_install_it(monkeypatch, capsys):
+  real = cpu_targets.importlib.util.find_spec
+  monkeypatch.setattr(cpu_targets.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "torch" else real(name, *a))
+  with pytest.raises(SystemExit):
+    cpu_targets.parse_args([])
+  assert "needs torch: pip install -r requirements-dev.txt" in capsys.readouterr().err
