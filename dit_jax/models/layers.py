@@ -240,7 +240,9 @@ def heads_major_attention(qkv: jax.Array, scale: float) -> jax.Array:
   heads, head_dim].
 
   The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits and softmax in float32,
-  probabilities cast back to the value dtype; same numbers), with q, k and v moved heads-major
+  probabilities cast back to the value dtype; the same numbers up to the summation order of the
+  CPU's kernels: bit-identical on one x86 CPU, float32 roundings apart on another, equally
+  accurate against float64, tested), with q, k and v moved heads-major
   first so that both products are plain batched matmuls over (batch, heads): its token-major
   einsums made XLA on CPU run them 1.9x slower forward, 1.5x with the backward
   (benchmarks/README.md). The softmax's backward keeps only the probabilities (`softmax`); on
