@@ -1,5 +1,5 @@
-"""benchmarks/torch_reference.py and torch_dit.py, the PyTorch baseline: parity with the official outputs
-(tests/fixtures/dit_reference), its train step, guided sampling loop and command line."""
+"""benchmarks/torch_reference.py and torch_dit.py, the PyTorch baseline: parity with the official
+outputs (tests/fixtures/dit_reference), its train step, guided sampling loop and command line."""
 import copy
 
 import numpy as np
@@ -9,16 +9,10 @@ import torch
 from benchmarks import torch_dit
 from benchmarks import torch_reference as tr
 from conftest import fixture_path
+from test_models import PARAMS  # the facts doc's parameter counts, keyed "DiT-S/2"
 
 TABLES = ["betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
           "posterior_mean_coef1", "posterior_mean_coef2"]
-# The facts doc: trainable parameters at 256 px, 1000 classes.
-PARAMS = {
-    "S/2": 32_865_056, "S/4": 32_920_448, "S/8": 33_142_016,
-    "B/2": 130_315_808, "B/4": 130_426_496, "B/8": 130_869_248,
-    "L/2": 457_840_672, "L/4": 457_988_224, "L/8": 458_578_432,
-    "XL/2": 674_834_720, "XL/4": 675_000_704, "XL/8": 675_664_640,
-}
 
 
 def tiny_config(dit_ref) -> dict:
