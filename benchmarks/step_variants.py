@@ -47,6 +47,23 @@ SETTINGS = (
             xla_flags="--xla_gpu_enable_triton_gemm=false"),
     Setting("unrolled, 128, one-pass LN, cuBLAS only", batch=128, blocks="unrolled",
             patch="ln_one_pass", xla_flags="--xla_gpu_enable_triton_gemm=false"),
+    # XLA's own options against the unrolled step's memory-bound half (benchmarks/README, "GPU
+    # profile"): each is an environment setting a user can make, no code change.
+    Setting("unrolled, 128, cuBLASLt epilogues", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false"),
+    Setting("unrolled, 256", batch=256, blocks="unrolled"),
+    Setting("unrolled, 128, block-level fusions", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"),
+    Setting("unrolled, 128, Triton multi-output fusions", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"),
+    Setting("unrolled, 128, cuDNN layer norm", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_enable_cudnn_layer_norm=true"),
+    Setting("unrolled, 128, heroless Triton fusions", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"),
+    Setting("unrolled, 128, programmatic dependent launch", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_enable_pdl=true"),
+    Setting("unrolled, 128, Triton gemms with any fusion", batch=128, blocks="unrolled",
+            xla_flags="--xla_gpu_triton_gemm_any=true"),
 )
 
 
@@ -123,14 +140,15 @@ def run_setting(setting: Setting, variant: str, steps: int, timeout: float) -> d
                                 attention=setting.attention, patch=setting.patch,
                                 xla_flags=setting.xla_flags, timeout=timeout)
   if code is None or result is None:
-    return {"setting": setting.name, "error": err if code is None else last_line(err)}
+    return {"setting": setting.name, "error": err if code is None else last_line(err),
+            "stderr_tail": err[-4000:]}
   return {"setting": setting.name, **dataclasses.asdict(setting), **result,
           "process_s": time.perf_counter() - start}
 
 
-def format_table(rows: list[dict]) -> str:
-  base = next((r for r in rows if r["setting"] == "base" and "error" not in r), None)
-  lines = ["| setting | batch | img/s | vs base | MFU | peak GiB | compile s |",
+def format_table(rows: list[dict], base_name: str = "base") -> str:
+  base = next((r for r in rows if r["setting"] == base_name and "error" not in r), None)
+  lines = [f"| setting | batch | img/s | vs {base_name} | MFU | peak GiB | compile s |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
@@ -149,15 +167,20 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=150, help="seconds per setting")
   parser.add_argument("--only", nargs="+", default=None, help="setting names to run")
   parser.add_argument("--out", default=None, help="append each result as a JSON line here")
+  parser.add_argument("--base", default="base",
+                      help="the setting the others are compared with; it runs first, and if "
+                           "it fails nothing else runs (they would fail the same way)")
   args = parser.parse_args()
   names = {s.name for s in SETTINGS}
   unknown = sorted(set(args.only or ()) - names)
   if unknown:
     raise SystemExit(f"--only: unknown {unknown}; known: {sorted(names)}")
+  if args.base not in names:
+    raise SystemExit(f"--base: unknown {args.base!r}; known: {sorted(names)}")
+  chosen = [s for s in SETTINGS if not args.only or s.name in args.only]
+  chosen.sort(key=lambda s: s.name != args.base)  # the base first, the rest in their order
   rows = []
-  for setting in SETTINGS:
-    if args.only and setting.name not in args.only:
-      continue
+  for setting in chosen:
     row = run_setting(setting, args.variant, args.steps, args.timeout)
     rows.append(row)
     print(f"  {setting.name}: " + (row.get("error") or
@@ -166,7 +189,10 @@ def main() -> None:
     if args.out:
       with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
-  print(f"DiT-{args.variant}, bf16, 256 px\n" + format_table(rows))
+    if setting.name == args.base and "error" in row:
+      print(f"the base setting failed; nothing else run:\n{row['stderr_tail']}", flush=True)
+      break
+  print(f"DiT-{args.variant}, bf16, 256 px\n" + format_table(rows, args.base))
 
 
 if __name__ == "__main__":

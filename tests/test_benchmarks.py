@@ -145,6 +145,39 @@ def test_step_variants_table_is_relative_to_base():
   assert names[0] == "base" and len(set(names)) == len(names)
 
 
+def test_step_variants_runs_the_base_first_and_stops_when_it_fails(monkeypatch, capsys):
+  """The base runs first wherever it sits in SETTINGS; a failed base stops the sweep (every
+  other setting would fail the same way and cost a device's time); an unknown base is one line."""
+  from benchmarks import step_variants
+  calls = []
+
+  def fake_run(setting, variant, steps, timeout):
+    calls.append(setting.name)
+    if setting.name == "unrolled, 128" and fail:
+      return {"setting": setting.name, "error": "ImportError: x", "stderr_tail": "Traceback\nx"}
+    return {"setting": setting.name, "batch": setting.batch, "images_per_sec": 100.0 + len(calls),
+            "mfu": 0.4, "peak_gib": 1.0, "compile_s": 1.0}
+
+  monkeypatch.setattr(step_variants, "run_setting", fake_run)
+  only = ["base", "unrolled, 256", "unrolled, 128"]
+  argv = ["step_variants", "--base", "unrolled, 128", "--only", *only]
+  fail = False
+  monkeypatch.setattr(sys, "argv", argv)
+  step_variants.main()
+  assert calls == ["unrolled, 128", "base", "unrolled, 256"]
+  out = capsys.readouterr().out
+  assert "| setting | batch | img/s | vs unrolled, 128 |" in out
+  assert "| base | 64 | 102.0 | 1.01x |" in out
+  calls.clear()
+  fail = True
+  step_variants.main()
+  assert calls == ["unrolled, 128"]
+  assert "the base setting failed; nothing else run:\nTraceback\nx" in capsys.readouterr().out
+  monkeypatch.setattr(sys, "argv", ["step_variants", "--base", "nope"])
+  with pytest.raises(SystemExit, match="--base: unknown 'nope'"):
+    step_variants.main()
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   """Convert-format checkpoints of a tiny digits-shaped DiT: one diffusion, one flow."""
