@@ -39,6 +39,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 open_guard.install(str(ROOT), _GUARD_LOG)
 
 
+def pytest_configure(config):
+  """The session's compilation cache (train_utils.compilation_cache), made here so that it is
+  made once, by the controlling process: pytest-xdist's workers inherit its folder and share
+  it, and the controller removes it at exit."""
+  if not hasattr(config, "workerinput"):
+    import train_utils  # pylint: disable=import-outside-toplevel
+    train_utils.compilation_cache()
+
+
 @pytest.fixture(autouse=True)
 def no_reads_outside_checkout(request):
   """Fails a test that opened a path outside the checkout (a fresh clone has nothing beside it)."""

@@ -43,12 +43,14 @@ def train_command(workdir: os.PathLike, config: str = "configs/digits.py",
 
 
 # The persistent XLA compilation cache that the subprocesses of one pytest session share (its
-# folder: this variable, inherited by subprocesses that run these helpers themselves).
+# folder: this variable, inherited by subprocesses that run these helpers themselves, and by
+# pytest-xdist's workers: conftest.py creates it in the controlling process).
 _CACHE_ENV = "DIT_TEST_COMPILATION_CACHE"
 
 
 def compilation_cache() -> str:
-  """The session's compilation cache folder, created (and removed at exit) on first use."""
+  """The session's compilation cache folder, created (and removed at exit, by the process that
+  created it) on first use."""
   if _CACHE_ENV not in os.environ:
     path = tempfile.mkdtemp(prefix="dit_jax_xla_cache_")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
@@ -56,14 +58,17 @@ def compilation_cache() -> str:
   return os.environ[_CACHE_ENV]
 
 
-def env_with_devices(num_devices: int, compile_cache: bool = False) -> dict[str, str]:
+def env_with_devices(num_devices: int, compile_cache: bool = True) -> dict[str, str]:
   """The environment of a subprocess on `num_devices` CPU devices.
 
   compile_cache: share the session's persistent compilation cache: a program compiled before
   (the same computation, shapes, shardings, devices and XLA flags: JAX's cache key) is loaded
-  instead of compiled again, and runs the same. Opt-in: an entry is written after each compile,
-  which a process whose writes are limited (ulimit -f, a full disk) may fail, with a warning on
-  stderr; the cache costs only start-up time, never a check.
+  instead of compiled again, and runs the same (a tiny digits run: 31 s without, 11 s with). It
+  is what keeps the suite's many end-to-end runs within its time budget. A size limit makes JAX
+  lock the folder for each read and write, so that processes running at once (two pytest
+  workers, a multi-process run) never read an entry another one is still writing. False for a
+  process whose writes are limited on purpose (ulimit -f, a full disk), where writing an entry
+  could fail with a warning on stderr; the cache never decides a check.
   """
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
@@ -73,11 +78,12 @@ def env_with_devices(num_devices: int, compile_cache: bool = False) -> dict[str,
     env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache()
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs too
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 * 2**30)  # a limit: JAX locks the folder
   return env
 
 
 def run_train(workdir: os.PathLike, num_devices: int = 1, timeout: int = 300,
-              compile_cache: bool = False, **overrides: Any) -> subprocess.CompletedProcess:
+              compile_cache: bool = True, **overrides: Any) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, **overrides), cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout,
                         env=env_with_devices(num_devices, compile_cache=compile_cache))
@@ -108,7 +114,7 @@ for argv in json.loads(sys.argv[1]):
 
 def run_trains_in_one_process(runs: list[tuple[os.PathLike, dict[str, Any]]],
                               num_devices: int = 1, timeout: int = 300,
-                              compile_cache: bool = False) -> subprocess.CompletedProcess:
+                              compile_cache: bool = True) -> subprocess.CompletedProcess:
   """The training runs `(workdir, overrides of run_train)`, in order, in one subprocess: for the
   tests where what is compared is the runs' results, not train.py's start-up or exit."""
   argvs = [train_command(workdir, **overrides)[2:] for workdir, overrides in runs]
