@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import os
 import pathlib
 import shlex
 import signal
@@ -27,6 +26,7 @@ from dit_jax.models import build_model, count_params, gflops
 from dit_jax.sweep import __main__ as sweep_main
 from dit_jax.sweep import hyper, plan, plots, results, runner
 from dit_jax.train.workdir_lock import WorkdirLock
+from train_utils import env_with_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALING = "configs/digits_scaling.py"
@@ -34,6 +34,8 @@ SIZES = [(2, 32, 2), (3, 64, 4), (4, 96, 6)]
 
 # Three tiny points on digits: two widths at patch 4, the wider one at patch 2 too; 4 steps,
 # graded on 10 samples of 2 sampling steps (the grade's values are meaningless, its path real).
+# The base model is the first point's (width 16, patch 4): the sweeps below that do not vary it
+# train the same programs, which their trainers load from the compilation cache (`trainer_env`).
 TINY_CONFIG = """
 from configs import digits
 
@@ -41,6 +43,7 @@ from configs import digits
 def get_config(arg=""):
   config = digits.get_config()
   config.model.depth, config.model.hidden_size, config.model.num_heads = 1, 16, 2
+  config.model.patch_size = 4
   config.batch_size, config.num_steps, config.log_every_steps = 16, 4, 1
   config.checkpoint.every_steps, config.checkpoint.async_save = 4, False
   config.sample.every_steps, config.sample.num_steps = 0, 2
@@ -329,6 +332,16 @@ def test_the_figure_has_a_row_per_quality_metric():
 
 # --- a real sweep ------------------------------------------------------------------------------
 
+def trainer_env() -> dict[str, str]:
+  """The environment of a sweep's trainers: the session's compilation cache (a program that
+  another trainer compiled, the same model and shapes, is loaded, not compiled again) and XLA's
+  backend optimizations off, as benchmarks/memory_plan.py compiles (a third less compile time,
+  for 4 steps and 10 samples whose values these tests only bound)."""
+  env = env_with_devices(1, compile_cache=True)
+  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+  return env
+
+
 def sweep_command(config: str, workdir) -> list[str]:
   return [sys.executable, "-m", "dit_jax.sweep", "--config", config, "--workdir", str(workdir)]
 
@@ -341,9 +354,8 @@ def files_with_mtimes(folder: pathlib.Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_a_sweep_of_three_tiny_points_tables_plots_and_skips_them_when_rerun(tmp_path, caplog):
   config, workdir = write_config(tmp_path, TINY_CONFIG), tmp_path / "sweep"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   first = subprocess.run(sweep_command(config, workdir) + ["--parallel=2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=trainer_env())
   assert first.returncode == 0, first.stderr[-3000:]
   saved = json.loads((workdir / "results.json").read_text())
   rows = saved["points"]
@@ -398,8 +410,7 @@ def test_sigterm_stops_the_running_points_at_a_checkpoint(tmp_path):
   workdir = tmp_path / "sweep"
   point = workdir / "seed=0"
   proc = subprocess.Popen(sweep_command(config, workdir), cwd=ROOT, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          stdout=subprocess.DEVNULL, text=True, env=trainer_env())
   deadline = time.time() + 240
   while not list((point / "checkpoints").glob("*/_CHECKPOINT_METADATA")):
     assert proc.poll() is None and time.time() < deadline, "no checkpoint came"
@@ -417,12 +428,15 @@ def test_sigterm_stops_the_running_points_at_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path, capsys):
+def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path, capsys,
+                                                                        monkeypatch):
   # The trainer refuses the second point when it opens the data (a folder dataset without its
   # folder): the sweep cannot know that from the config alone, so the point runs and fails,
   # while the first trains and gets its row of the table and the figure.
   config = config_with_hyper(tmp_path, "h.sweep('config.data.name', ['digits', 'folder'])")
   workdir = tmp_path / "sweep"
+  for key, value in trainer_env().items():  # the trainers inherit this process's environment
+    monkeypatch.setenv(key, value)
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
   log = workdir / "logs" / "name=folder.log"
   assert line == ("error: 1 of 2 points failed: name=folder: exit 1: error: config.data.name="
