@@ -1,5 +1,6 @@
 """Shared test setup: float32 at full matmul precision, the reference fixtures, the open guard,
 a GCS emulator for gs:// paths."""
+import math
 import os
 import pathlib
 import sys
@@ -74,6 +75,13 @@ def gcs_bucket(gcs_emulator, monkeypatch) -> Iterator[str]:
   use_emulator(monkeypatch, gcs_emulator)
   yield gcs_emulator.create_bucket()
   forget_clients()  # the clients' caches hold the emulator's settings; monkeypatch undoes the rest
+
+
+def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`jax.random.normal(key, shape)`, drawn flat and reshaped: the same values (jax numbers the
+  draws in row-major order), which XLA on CPU compiles in well under a second, where the draw
+  in its shape takes 1-8 s at rank 3 to 5."""
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
 
 
 def fixture_path(*parts: str) -> pathlib.Path:

@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.models import DiT, init_params, stack_block_params
+from dit_jax.models import DiT, abstract_params, init_params, stack_block_params
 from dit_jax.models import dit as dit_lib
 from dit_jax.models import layers
 
+from conftest import normal
+
 
 def test_dense_on_3d_input_equals_flax_dense():
-  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  x = normal(jax.random.key(0), (3, 5, 8))
   ours = layers.dense(6, ("embed", "mlp"), "fc", jnp.float32, jnp.float32)
   params = nn.unbox(ours.init(jax.random.key(1), x))
   plain = nn.Dense(6)
@@ -57,7 +59,7 @@ def assert_as_accurate(got, plain, truth):
 @pytest.mark.parametrize("head_dim", [8, 9, 16])
 def test_heads_major_attention_equals_jax_attention(head_dim):
   batch, tokens, heads = 2, 7, 3
-  qkv = jax.random.normal(jax.random.key(head_dim), (batch, tokens, 3, heads, head_dim))
+  qkv = normal(jax.random.key(head_dim), (batch, tokens, 3, heads, head_dim))
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   scale = head_dim ** -0.5
   expected = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
@@ -84,7 +86,7 @@ def test_heads_major_attention_equals_jax_attention(head_dim):
 def test_power_of_two_scale_on_q_gives_the_bits_of_scaled_logits(head_dim, dtype):
   """Scaling q by a power of two is exact: the same bits as scaling the logits with the same
   products (jax's own layout sums in another order at 64, so it only matches to rounding)."""
-  qkv = jax.random.normal(jax.random.key(5), (2, 33, 3, 2, head_dim)).astype(dtype)
+  qkv = normal(jax.random.key(5), (2, 33, 3, 2, head_dim)).astype(dtype)
   scale = head_dim ** -0.5
 
   def logits_scaled(qkv):
@@ -98,9 +100,9 @@ def test_power_of_two_scale_on_q_gives_the_bits_of_scaled_logits(head_dim, dtype
 
 
 def test_softmax_is_jax_softmax_and_its_gradient_too():
-  x = 4 * jax.random.normal(jax.random.key(0), (3, 5, 17))
+  x = 4 * normal(jax.random.key(0), (3, 5, 17))
   x = x.at[0, 0].set(jnp.array([80.0] + [-80.0] * 16))  # a saturated row
-  g = jax.random.normal(jax.random.key(1), x.shape)
+  g = normal(jax.random.key(1), x.shape)
   np.testing.assert_array_equal(layers.softmax(x), jax.nn.softmax(x, axis=-1))
   got = jax.vjp(layers.softmax, x)[1](g)[0]
   expected = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), x)[1](g)[0]
@@ -114,8 +116,8 @@ def test_softmax_is_jax_softmax_and_its_gradient_too():
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_heads_major_attention_gradient_equals_jax_attention_gradient(dtype, tol, head_dim):
   batch, tokens, heads = 2, 7, 3
-  qkv = jax.random.normal(jax.random.key(2), (batch, tokens, 3, heads, head_dim)).astype(dtype)
-  g = jax.random.normal(jax.random.key(3), (batch, tokens, heads, head_dim)).astype(dtype)
+  qkv = normal(jax.random.key(2), (batch, tokens, 3, heads, head_dim)).astype(dtype)
+  g = normal(jax.random.key(3), (batch, tokens, heads, head_dim)).astype(dtype)
   scale = head_dim ** -0.5
 
   def theirs(qkv):
@@ -147,7 +149,7 @@ def test_cpu_attention_is_the_plain_forward_and_gradient():
   and the gradient of the plain formulation up to rounding (another summation order): as
   accurate against float64 as autodiff's (1 of 3168 elements differs by 1.2e-6 on an AMD EPYC,
   a sum of 33 terms of magnitude ~1)."""
-  q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 3, 33, 16)) for i in range(4))
+  q, k, v, g = (normal(jax.random.key(i), (2, 3, 33, 16)) for i in range(4))
 
   def plain(q, k, v):
     return jnp.einsum("bnqk,bnkh->bnqh",
@@ -165,8 +167,8 @@ def test_attention_backward_computes_the_transposed_key_and_value_gradients():
   first and gives [..., head_dim, tokens]; XLA folds a plain transpose back into
   [..., tokens, head_dim] from the probabilities, the slow form."""
   tokens, head_dim = 24, 16
-  qkv = jax.random.normal(jax.random.key(0), (2, tokens, 3, 2, head_dim))
-  g = jax.random.normal(jax.random.key(1), (2, tokens, 2, head_dim))
+  qkv = normal(jax.random.key(0), (2, tokens, 3, 2, head_dim))
+  g = normal(jax.random.key(1), (2, tokens, 2, head_dim))
   grad = jax.jit(lambda x: jax.vjp(lambda x: layers.heads_major_attention(x, 0.25), x)[1](g))
   leading = [line.split("=", 1)[1].split("dot(")[0].strip()
              for line in grad.lower(qkv).compile().as_text().splitlines()
@@ -180,19 +182,27 @@ def _unrolled_model(depth: int = 6, **kw) -> DiT:
              num_heads=4, num_classes=10, **kw)
 
 
-def _loss_grad(model: DiT, params):
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-  t, y = jnp.array([3, 700]), jnp.array([1, 10])
-  loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
-  return jax.jit(jax.grad(loss)), params
+_GRADS: dict = {}
 
 
-def _widest_fusion(model: DiT, params, stacking: bool = True) -> int:
-  """Operands of the backward's widest fusion; without `stacking`, leaving out the fusions
-  that concatenate per-block values (XLA names a fusion after its root), which the scanned
-  layout's stacked gradients need: they read each block's values once."""
-  grad, params = _loss_grad(model, params)
-  hlo = grad.lower(params).compile().as_text()
+def _loss_grad(model: DiT) -> jax.stages.Compiled:
+  """The compiled gradient of a loss of `model`'s output. One program per model and backend the
+  model is traced for (`jax.default_backend`, which tests patch to leave the fences out), shared
+  by the tests: it depends on the parameters' shapes only, so it is compiled from them; its HLO
+  (`.as_text()`) is the program that runs."""
+  key = (model, jax.default_backend())
+  if key not in _GRADS:
+    x = normal(jax.random.key(1), (2, 8, 8, 4))
+    t, y = jnp.array([3, 700]), jnp.array([1, 10])
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
+    _GRADS[key] = jax.jit(jax.grad(loss)).lower(abstract_params(model)).compile()
+  return _GRADS[key]
+
+
+def _widest_fusion(hlo: str, stacking: bool = True) -> int:
+  """Operands of the widest fusion of a compiled backward's HLO; without `stacking`, leaving
+  out the fusions that concatenate per-block values (XLA names a fusion after its root), which
+  the scanned layout's stacked gradients need: they read each block's values once."""
   return max(len(re.findall(r"%[\w.\-]+", line.split(" fusion(", 1)[1].split(")")[0]))
              for line in hlo.splitlines()
              if " fusion(" in line and (stacking or "concatenate" not in line.split("=")[0]))
@@ -202,27 +212,32 @@ def test_unrolled_backward_has_no_fusion_spanning_the_blocks(monkeypatch):
   """Without the fence XLA on CPU fused the residual cotangent of every block into each
   consumer: such a fusion reads about 5 tensors per block, so its width grows with depth. With
   the fence the widest fusion is one block's and does not grow."""
-  params = {depth: init_params(_unrolled_model(depth=depth), jax.random.key(0))
+  fenced = {depth: _widest_fusion(_loss_grad(_unrolled_model(depth=depth)).as_text())
             for depth in (3, 6)}
-  fenced = {depth: _widest_fusion(_unrolled_model(depth=depth), p) for depth, p in params.items()}
   assert fenced[6] == fenced[3], fenced
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the model leaves the fence out
-  unfenced = _widest_fusion(_unrolled_model(depth=6), params[6])
+  unfenced = _widest_fusion(_loss_grad(_unrolled_model(depth=6)).as_text())
   assert unfenced > fenced[6] + 10, (unfenced, fenced)
 
 
-@pytest.mark.parametrize("scan_unroll", [None, 1, 4])
-def test_fenced_unrolled_gradient_is_the_scanned_gradient(scan_unroll):
-  """The scanned layout gives the unrolled gradient whether its loop runs rolled (1), fully
-  unrolled (None: CPU's default) or partly (4 of 6 blocks per iteration, a remainder of 2)."""
+@pytest.fixture(scope="module")
+def unrolled_gradient():
+  """Parameters of the (depth 6) unrolled model, moved off their initial values, and its
+  gradient there, both in the scanned layout: the same whatever the scanned loop's unroll."""
   model = _unrolled_model()
   params = init_params(model, jax.random.key(0))
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
-                        params)
-  grad, _ = _loss_grad(model, params)
-  grad_scanned, _ = _loss_grad(model.clone(scan_blocks=True, scan_unroll=scan_unroll), None)
-  got = stack_block_params(grad(params), model.depth)
-  expected = grad_scanned(stack_block_params(params, model.depth))
+  params = jax.tree.map(lambda p: p + 0.05 * normal(jax.random.key(2), p.shape), params)
+  grad = _loss_grad(model)(params)
+  return stack_block_params(params, model.depth), stack_block_params(grad, model.depth)
+
+
+@pytest.mark.parametrize("scan_unroll", [None, 1, 4])
+def test_fenced_unrolled_gradient_is_the_scanned_gradient(scan_unroll, unrolled_gradient):
+  """The scanned layout gives the unrolled gradient whether its loop runs rolled (1), fully
+  unrolled (None: CPU's default) or partly (4 of 6 blocks per iteration, a remainder of 2)."""
+  params, got = unrolled_gradient
+  model = _unrolled_model().clone(scan_blocks=True, scan_unroll=scan_unroll)
+  expected = _loss_grad(model)(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got,
                expected)
 
@@ -233,17 +248,15 @@ def test_scanned_blocks_run_straight_on_cpu_and_as_a_loop_when_asked(monkeypatch
   unrolled layout's: apart from the stacked gradients, the widest fusion is one block's,
   whatever the depth; unfenced, it grows with depth."""
   def program(depth, **kw):
-    model = _unrolled_model(depth=depth, scan_blocks=True, **kw)
-    params = init_params(model, jax.random.key(0))
-    return _loss_grad(model, params)[0].lower(params).compile().as_text(), model, params
+    return _loss_grad(_unrolled_model(depth=depth, scan_blocks=True, **kw)).as_text()
 
-  straight, _, _ = program(3)
-  rolled, _, _ = program(3, scan_unroll=1)
-  assert " while(" not in straight and " while(" in rolled
-  fenced = {depth: _widest_fusion(*program(depth)[1:], stacking=False) for depth in (3, 6)}
+  straight = {depth: program(depth) for depth in (3, 6)}
+  rolled = program(3, scan_unroll=1)
+  assert " while(" not in straight[3] and " while(" in rolled
+  fenced = {depth: _widest_fusion(hlo, stacking=False) for depth, hlo in straight.items()}
   assert fenced[6] == fenced[3], fenced
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the model leaves the fence out
-  unfenced = _widest_fusion(*program(6, scan_unroll=6)[1:], stacking=False)
+  unfenced = _widest_fusion(program(6, scan_unroll=6), stacking=False)
   assert unfenced > fenced[6] + 10, (unfenced, fenced)
 
 

@@ -1,11 +1,13 @@
 """DiT model: parity with the official PyTorch outputs, variants, init, guidance, layouts."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_rel_close, fixture_path, nchw_to_nhwc
+from conftest import assert_rel_close, fixture_path, nchw_to_nhwc, normal
 from dit_jax.convert import load_torch_checkpoint
 from dit_jax.models import (VARIANTS, DiT, abstract_params, count_params, create_model, gflops,
                             init_params, stack_block_params, unstack_block_params)
@@ -24,6 +26,11 @@ GFLOPS = {
     "DiT-B/2": 23.01, "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39,
     "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
 }
+
+
+# Computed once per model for the tests that ask about the same one (each traces the model).
+model_gflops = functools.cache(gflops)
+model_params = functools.cache(count_params)
 
 
 def tiny_model(**overrides) -> DiT:
@@ -105,7 +112,7 @@ def test_guidance_all_channels_option(dit_ref, tiny_params):
 def test_initial_model_outputs_zeros():
   model = tiny_model(num_classes=7, depth=2)
   params = init_params(model, jax.random.key(3))
-  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 4))
+  x = normal(jax.random.key(1), (3, 8, 8, 4))
   out = model.apply({"params": params}, x, jnp.array([0, 500, 999]), jnp.array([0, 3, 7]))
   assert out.shape == (3, 8, 8, 8)
   assert np.all(np.asarray(out) == 0.0)
@@ -136,17 +143,17 @@ def test_initialization_distributions():
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_param_counts_match_official(name):
-  assert count_params(create_model(name, input_size=32)) == PARAMS[name]
+  assert model_params(create_model(name, input_size=32)) == PARAMS[name]
 
 
 def test_param_count_with_pos_embed_table():
   model = create_model("XL/2", input_size=32)
-  assert count_params(model) + model.num_tokens * model.hidden_size == 675_129_632
+  assert model_params(model) + model.num_tokens * model.hidden_size == 675_129_632
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_gflops_match_paper(name):
-  value = gflops(create_model(name, input_size=32))
+  value = model_gflops(create_model(name, input_size=32))
   assert abs(value - GFLOPS[name]) / GFLOPS[name] < 0.01, value
 
 
@@ -165,7 +172,7 @@ def test_analytic_gmacs_match_paper(name):
 def test_gflops_ignore_the_attention_kernel():
   """A fused attention custom call hides its flops from XLA: Gflops count XLA's attention."""
   model = create_model("S/8", input_size=32)
-  assert gflops(model.clone(attention_impl="cudnn")) == gflops(model)
+  assert gflops(model.clone(attention_impl="cudnn")) == model_gflops(model)
 
 
 def test_position_embedding_column_first():
@@ -188,7 +195,7 @@ def test_timestep_features_cos_then_sin():
 def test_label_dropout_in_training_only(tiny_params):
   model = tiny_model()
   n = 256
-  x = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 8, 8, 4)), (n, 8, 8, 4))
+  x = jnp.broadcast_to(normal(jax.random.key(0), (1, 8, 8, 4)), (n, 8, 8, 4))
   t = jnp.full((n,), 500)
   y = jnp.full((n,), 3)
   variables = {"params": tiny_params}
@@ -212,11 +219,11 @@ def test_scan_layout_conversion_round_trip():
   scanned = tiny_model(depth=3, scan_blocks=True)
   params = init_params(unscanned, jax.random.key(0))
   # Make the blocks non-trivial so that the outputs depend on every block.
-  params = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(1), a.shape),
+  params = jax.tree.map(lambda a: a + 0.01 * normal(jax.random.key(1), a.shape),
                         params)
   stacked = stack_block_params(params, 3)
   assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 64, 192)
-  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+  x = normal(jax.random.key(2), (2, 8, 8, 4))
   t, y = jnp.array([1, 900]), jnp.array([0, 9])
   a = unscanned.apply({"params": params}, x, t, y)
   b = scanned.apply({"params": stacked}, x, t, y)

@@ -22,6 +22,7 @@ from dit_jax import checkpoints, generate, samplers
 from dit_jax.diffusion import OFFICIAL_PROCESS
 from dit_jax.models import create_model, init_params
 from dit_jax.samplers.ddim import ddim_sample_loop
+from conftest import normal
 from train_utils import ROOT, env_with_devices
 
 README = (ROOT / "README.md").read_text()
@@ -79,7 +80,7 @@ def test_readme_example_is_ddim_on_evenly_spaced_steps(registered):
     eps = 0.3 * x + 1e-3 * t[:, None, None, None] + 0.05 * y[:, None, None, None]
     return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
 
-  noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  noise = normal(jax.random.key(0), (2, 4, 4, 3))
   kwargs = dict(num_steps=5, clip_denoised=False, eta=0.0, model_kwargs={"y": jnp.array([1, 2])})
   out = samplers.run(samplers.get(NAME)(OFFICIAL_PROCESS, model_fn, noise, jax.random.key(1),
                                         **kwargs))
@@ -109,7 +110,7 @@ def test_config_benchmark_and_sample_py_take_a_registered_sampler(registered, tm
   # sample.py: --sampler takes it, and the grid is the one generate.sample_grid draws with it.
   model = create_model("S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
                        hidden_size=32, num_heads=2)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+  params = jax.tree.map(lambda p: p + 0.05 * normal(jax.random.key(1), p.shape),
                         init_params(model, jax.random.key(0)))
   checkpoints.save_params(str(tmp_path / "ckpt"), params, model)
   grid = tmp_path / "grid.png"
@@ -145,7 +146,7 @@ def test_diffusion_samplers_count_their_evaluations_and_ignore_the_flow_options(
     eps = 0.3 * x + 0.05 * y[:, None, None, None]
     return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
 
-  noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+  noise = normal(jax.random.key(0), (2, 4, 4, 1))
   kwargs = dict(num_steps=6, clip_denoised=False, eta=0.0, model_kwargs={"y": jnp.array([1, 2])})
   sampler = samplers.get(name, process=OFFICIAL_PROCESS)
   plain = samplers.run(sampler(OFFICIAL_PROCESS, model_fn, noise, jax.random.key(1), **kwargs))
@@ -167,7 +168,7 @@ def test_the_sampling_benchmark_runs_every_registered_sampler():
   for name, registered in samplers.SAMPLERS.items():
     model, params = models[registered.kind]
     assert sampling_speed.process_for(model, name).kind == registered.kind
-    z = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    z = normal(jax.random.key(2), (2, 8, 8, 4))
     labels = jnp.array([3, 4])
     compiled, nfe = sampling_speed.scan_loop(model, params, name, 4, z, labels)()
     assert compiled.shape == (4, 8, 8, 4) and np.isfinite(compiled).all(), name
@@ -189,7 +190,7 @@ def test_a_fully_unrolled_scan_samples_in_the_unrolled_layout():
   model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=4,
               num_classes=10, scan_blocks=True)
   params = init_params(model, jax.random.key(0))
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+  params = jax.tree.map(lambda p: p + 0.05 * normal(jax.random.key(1), p.shape),
                         params)  # adaLN-Zero starts as the identity: give the blocks weight
   straight, unstacked = guidance.straight_layout(model, params)
   assert not straight.scan_blocks and "blocks" not in unstacked
