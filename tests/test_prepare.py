@@ -80,7 +80,7 @@ def write_fake_imagenet(manual_dir: pathlib.Path) -> dict[str, dict[str, tuple[i
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   # The session's compilation cache: the tiny VAE's encoder at this batch shape is test_train's.
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env_with_devices(1, compile_cache=True))
+                        timeout=timeout, env=env_with_devices(1))
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> str:

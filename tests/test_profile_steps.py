@@ -41,7 +41,7 @@ def read_trace(folder: pathlib.Path) -> dict:
 
 @pytest.mark.slow
 def test_a_run_traces_the_steps_asked_for_without_the_compilation(tmp_path):
-  result = run_train(tmp_path, num_steps=3, profile_steps="2,1", compile_cache=True)
+  result = run_train(tmp_path, num_steps=3, profile_steps="2,1")
   assert result.returncode == 0, result.stderr[-3000:]
   (folder,) = traces(tmp_path)
   trace = read_trace(folder)
@@ -61,7 +61,7 @@ def test_sigterm_inside_the_window_and_a_resumed_window_keep_both_traces(tmp_pat
   proc = subprocess.Popen(train_command(tmp_path, num_steps=100_000, profile_steps="2,100000",
                                         checkpoint__every_steps=100_000),
                           cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, env=env_with_devices(1, compile_cache=True))
+                          stderr=subprocess.PIPE, env=env_with_devices(1))
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
@@ -81,8 +81,7 @@ def test_sigterm_inside_the_window_and_a_resumed_window_keep_both_traces(tmp_pat
   # Resumed: steps keep their numbers; a window that starts at the run's first step holds its
   # compilation (asked for: its lowering, also when the compiled step comes from the session's
   # compilation cache), and one that outlasts the run stops with it.
-  result = run_train(tmp_path, num_steps=stopped + 2, profile_steps=f"{stopped + 1},5",
-                     compile_cache=True)
+  result = run_train(tmp_path, num_steps=stopped + 2, profile_steps=f"{stopped + 1},5")
   assert result.returncode == 0, result.stderr[-3000:]
   assert traces(tmp_path)[0] == first
   assert {p.name: p.read_bytes() for p in first.iterdir()} == first_files  # not overwritten

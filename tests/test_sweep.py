@@ -337,7 +337,7 @@ def trainer_env() -> dict[str, str]:
   another trainer compiled, the same model and shapes, is loaded, not compiled again) and XLA's
   backend optimizations off, as benchmarks/memory_plan.py compiles (a third less compile time,
   for 4 steps and 10 samples whose values these tests only bound)."""
-  env = env_with_devices(1, compile_cache=True)
+  env = env_with_devices(1)
   env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   return env
 

@@ -17,20 +17,11 @@ from PIL import Image
 
 import train_utils
 from conftest import fixture_path
-from train_utils import ROOT, checkpoint_steps, flat, read_metrics, restore_state, train_command
+from train_utils import (ROOT, checkpoint_steps, env_with_devices, flat, read_metrics, restore_state,
+                         run_train, train_command)
 
 # Every test here runs train.py end to end in subprocesses.
 pytestmark = pytest.mark.slow
-
-
-def env_with_devices(num_devices: int) -> dict[str, str]:
-  """The subprocesses here share the session's compilation cache: a step compiled once (same
-  shapes, mesh and flags) is loaded by the next run instead of compiled again."""
-  return train_utils.env_with_devices(num_devices, compile_cache=True)
-
-
-def run_train(workdir, num_devices: int = 1, **overrides) -> subprocess.CompletedProcess:
-  return train_utils.run_train(workdir, num_devices, compile_cache=True, **overrides)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -56,7 +47,7 @@ def eight_devices(tmp_path_factory) -> dict[str, pathlib.Path]:
   meshes = {"data8": "(8,1,1)", "fsdp": "(4,2,1)"}
   assert_ok(train_utils.run_trains_in_one_process(
       [(root / name, dict(mesh__axis_sizes=sizes)) for name, sizes in meshes.items()],
-      num_devices=8, compile_cache=True))
+      num_devices=8))
   return {name: root / name for name in meshes}
 
 
@@ -107,8 +98,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   runs = train_utils.run_trains_in_one_process(
       [(killed, dict(num_steps=total)),
        (tmp_path / "straight", dict(num_steps=total, checkpoint__every_steps=total)),
-       (killed, dict(num_steps=total - 1))],  # behind the checkpoint: says so, trains nothing
-      compile_cache=True)
+       (killed, dict(num_steps=total - 1))])  # behind the checkpoint: says so, trains nothing
   assert_ok(runs)
   assert (f"config.num_steps={total - 1}: the checkpoint is at step {total} already; nothing "
           "to train") in runs.stderr
@@ -368,7 +358,7 @@ def test_latent_training_from_extracted_latents_and_on_the_fly(tmp_path):
   # From the stored latents, then encoding on the fly: both runs in one process.
   assert_ok(train_utils.run_trains_in_one_process(
       [(tmp_path / "from_latents", dict(latents_dir=str(latents), **common)),
-       (tmp_path / "on_the_fly", common)], compile_cache=True))
+       (tmp_path / "on_the_fly", common)]))
   grid = np.asarray(Image.open(tmp_path / "from_latents" / "samples" / "step_0000003.png"))
   assert grid.shape == (2 * (4 * 16 + 1) + 1, 8 * (4 * 16 + 1) + 1, 3)  # decoded 16 px images
   assert int(restore_state(tmp_path / "on_the_fly")["step"]) == 3

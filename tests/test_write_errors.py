@@ -29,7 +29,7 @@ def run_with_file_size_limit(workdir: pathlib.Path, **overrides) -> subprocess.C
   # write fails with EFBIG instead of killing the process.
   limited = ["bash", "-c", f"ulimit -f {FILE_SIZE_BLOCKS} && trap '' XFSZ && exec \"$@\"", "_",
              *train_command(workdir, **overrides)]
-  env = env_with_devices(1, compile_cache=True)
+  env = env_with_devices(1)
   # The session's compilation cache, read but never written (JAX writes only the entries that
   # took longer than this to compile): an entry past the limit would fail to be written, with a
   # warning on stderr.
@@ -84,7 +84,7 @@ def train():
   return subprocess.run(train_command(workdir, num_steps=12, checkpoint__every_steps=2,
                                       checkpoint__keep=1, checkpoint__async_save=True),
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=env_with_devices(1, compile_cache=True))
+                        env=env_with_devices(1))
 full = train()
 kept = checkpoint_steps(workdir)
 kept_state_step = int(restore_state(workdir, max(kept))["step"]) if kept else None

@@ -63,8 +63,8 @@ def env_with_devices(num_devices: int, compile_cache: bool = True) -> dict[str, 
 
   compile_cache: share the session's persistent compilation cache: a program compiled before
   (the same computation, shapes, shardings, devices and XLA flags: JAX's cache key) is loaded
-  instead of compiled again, and runs the same (a tiny digits run: 31 s without, 11 s with). It
-  is what keeps the suite's many end-to-end runs within its time budget. A size limit makes JAX
+  instead of compiled again, and runs the same (a tiny digits run: 31 s without, 11 s with). The
+  suite's many end-to-end runs depend on it for its time. A size limit makes JAX
   lock the folder for each read and write, so that processes running at once (two pytest
   workers, a multi-process run) never read an entry another one is still writing. False for a
   process whose writes are limited on purpose (ulimit -f, a full disk), where writing an entry
