@@ -15,6 +15,7 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from conftest import ROOT, assert_rel_close, fixture_path
+from train_utils import xla_flags_with_devices
 from configs import folder as folder_config
 from dit_jax.data import FolderSource, InputPipeline, center_crop_arr, flip_mask, to_float
 from dit_jax.latents import (LatentPipeline, LatentSource, chunk_path, decode_record,
@@ -84,7 +85,7 @@ def reference(image_folder, vae):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(2),
              JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "dit_jax.latents.extract", *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)

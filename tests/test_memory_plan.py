@@ -1,7 +1,6 @@
 """benchmarks.memory_plan: its HLO accounting, its linear fit and its largest batch per chip, and
 a plan for a tiny DiT whose state per device is the arithmetic (params x 4 bytes x 4 copies / N).
 """
-import os
 import subprocess
 import sys
 
@@ -120,11 +119,9 @@ print(r["params"], r["args"] > 0, r["temp"] > 0)
 
 
 def test_memory_plan_needs_only_jax_flax_optax_numpy():
-  # XLA's backend optimizations off, as memory_plan.run_jobs compiles its jobs: a third less
-  # compile time; what is checked here (the imports, the count, memory read) does not change.
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_backend_optimization_level=0").strip())
+  # The suite's XLA_FLAGS (conftest.TEST_XLA_FLAGS) are inherited: backend optimizations off, as
+  # memory_plan.run_jobs compiles its jobs.
   result = subprocess.run([sys.executable, "-c", BLOCKED % (TINY,)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["107488", "True", "True"]

@@ -35,7 +35,8 @@ SIZES = [(2, 32, 2), (3, 64, 4), (4, 96, 6)]
 # Three tiny points on digits: two widths at patch 4, the wider one at patch 2 too; 4 steps,
 # graded on 10 samples of 2 sampling steps (the grade's values are meaningless, its path real).
 # The base model is the first point's (width 16, patch 4): the sweeps below that do not vary it
-# train the same programs, which their trainers load from the compilation cache (`trainer_env`).
+# train the same programs, which their trainers load from the compilation cache
+# (`env_with_devices`).
 TINY_CONFIG = """
 from configs import digits
 
@@ -332,16 +333,6 @@ def test_the_figure_has_a_row_per_quality_metric():
 
 # --- a real sweep ------------------------------------------------------------------------------
 
-def trainer_env() -> dict[str, str]:
-  """The environment of a sweep's trainers: the session's compilation cache (a program that
-  another trainer compiled, the same model and shapes, is loaded, not compiled again) and XLA's
-  backend optimizations off, as benchmarks/memory_plan.py compiles (a third less compile time,
-  for 4 steps and 10 samples whose values these tests only bound)."""
-  env = env_with_devices(1)
-  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-  return env
-
-
 def sweep_command(config: str, workdir) -> list[str]:
   return [sys.executable, "-m", "dit_jax.sweep", "--config", config, "--workdir", str(workdir)]
 
@@ -355,7 +346,7 @@ def files_with_mtimes(folder: pathlib.Path) -> dict[str, int]:
 def test_a_sweep_of_three_tiny_points_tables_plots_and_skips_them_when_rerun(tmp_path, caplog):
   config, workdir = write_config(tmp_path, TINY_CONFIG), tmp_path / "sweep"
   first = subprocess.run(sweep_command(config, workdir) + ["--parallel=2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=trainer_env())
+                         capture_output=True, text=True, timeout=600, env=env_with_devices(1))
   assert first.returncode == 0, first.stderr[-3000:]
   saved = json.loads((workdir / "results.json").read_text())
   rows = saved["points"]
@@ -410,7 +401,7 @@ def test_sigterm_stops_the_running_points_at_a_checkpoint(tmp_path):
   workdir = tmp_path / "sweep"
   point = workdir / "seed=0"
   proc = subprocess.Popen(sweep_command(config, workdir), cwd=ROOT, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True, env=trainer_env())
+                          stdout=subprocess.DEVNULL, text=True, env=env_with_devices(1))
   deadline = time.time() + 240
   while not list((point / "checkpoints").glob("*/_CHECKPOINT_METADATA")):
     assert proc.poll() is None and time.time() < deadline, "no checkpoint came"
@@ -435,7 +426,7 @@ def test_a_failed_point_is_one_line_naming_it_and_the_others_are_tabled(tmp_path
   # while the first trains and gets its row of the table and the figure.
   config = config_with_hyper(tmp_path, "h.sweep('config.data.name', ['digits', 'folder'])")
   workdir = tmp_path / "sweep"
-  for key, value in trainer_env().items():  # the trainers inherit this process's environment
+  for key, value in env_with_devices(1).items():  # the trainers inherit this process's environment
     monkeypatch.setenv(key, value)
   line = run_main_error(capsys, ["--config", config, "--workdir", str(workdir)])
   log = workdir / "logs" / "name=folder.log"

@@ -58,6 +58,14 @@ def compilation_cache() -> str:
   return os.environ[_CACHE_ENV]
 
 
+def xla_flags_with_devices(num_devices: int) -> str:
+  """XLA_FLAGS for a subprocess on `num_devices` CPU devices: the suite's own flags
+  (conftest.TEST_XLA_FLAGS), any device count in them replaced."""
+  kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+          if not flag.startswith("--xla_force_host_platform_device_count=")]
+  return " ".join([f"--xla_force_host_platform_device_count={num_devices}", *kept])
+
+
 def env_with_devices(num_devices: int, compile_cache: bool = True) -> dict[str, str]:
   """The environment of a subprocess on `num_devices` CPU devices.
 
@@ -70,8 +78,7 @@ def env_with_devices(num_devices: int, compile_cache: bool = True) -> dict[str, 
   process whose writes are limited on purpose (ulimit -f, a full disk), where writing an entry
   could fail with a warning on stderr; the cache never decides a check.
   """
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(num_devices))
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   if compile_cache:
