@@ -1,6 +1,5 @@
 """Shared test setup: float32 at full matmul precision, the reference fixtures, the open guard,
 a GCS emulator for gs:// paths."""
-import math
 import os
 import pathlib
 import sys
@@ -37,6 +36,8 @@ _GUARD_DIR = ROOT / "tests" / "open_guard"
 sys.path.insert(0, str(_GUARD_DIR))
 import open_guard  # noqa: E402  pylint: disable=wrong-import-position
 from gcs_emulator import Emulator, forget_clients, start_emulator, use_emulator  # noqa: E402
+# The tests draw their random inputs as the library draws its noise: flat, then reshaped.
+from dit_jax.noise import standard_normal as normal  # noqa: E402,F401  pylint: disable=unused-import
 
 _GUARD_LOG = os.path.join(tempfile.mkdtemp(prefix="dit_open_guard_"), "outside_opens.log")
 os.environ[open_guard.LOG_ENV] = _GUARD_LOG
@@ -87,13 +88,6 @@ def gcs_bucket(gcs_emulator, monkeypatch) -> Iterator[str]:
   use_emulator(monkeypatch, gcs_emulator)
   yield gcs_emulator.create_bucket()
   forget_clients()  # the clients' caches hold the emulator's settings; monkeypatch undoes the rest
-
-
-def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """`jax.random.normal(key, shape)`, drawn flat and reshaped: the same values (jax numbers the
-  draws in row-major order), which XLA on CPU compiles in well under a second, where the draw
-  in its shape takes 1-8 s at rank 3 to 5."""
-  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
 
 
 def fixture_path(*parts: str) -> pathlib.Path:

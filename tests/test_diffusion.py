@@ -18,6 +18,7 @@ from dit_jax.diffusion import (
 )
 from dit_jax.samplers.ddim import (ddim_reverse_sample, ddim_reverse_sample_loop, ddim_sample,
                                    ddim_sample_loop)
+from dit_jax.noise import standard_normal
 from dit_jax.samplers.ddpm import p_sample_loop
 
 TABLES = ["betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -335,3 +336,20 @@ def test_ddim_exact_on_point_mass_data():
   assert len(counter) == 2  # one trace per loop
   with pytest.raises(ValueError):
     ddim_reverse_sample(diffusion, model_fn, x_first, jnp.zeros(2, jnp.int32), eta=0.5)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_standard_normal_is_jax_random_normal_bit_for_bit(partitionable, dtype):
+  """Every noise the library draws (dit_jax.noise, drawn flat for XLA's CPU compile time) holds
+  `jax.random.normal`'s values exactly, in either of JAX's threefry modes."""
+  key = jax.random.key(7)
+  with jax.threefry_partitionable(partitionable):
+    for shape in [(), (5,), (3, 4), (2, 3, 5, 4), (2, 4, 4, 3, 2)]:
+      expected = jax.random.normal(key, shape, dtype)
+      drawn = standard_normal(key, shape, dtype)
+      assert drawn.shape == expected.shape and drawn.dtype == expected.dtype
+      np.testing.assert_array_equal(np.asarray(drawn, np.float32), np.asarray(expected, np.float32))
+    drawn = jax.jit(standard_normal, static_argnums=(1, 2))(key, (2, 3, 5, 4), dtype)
+    np.testing.assert_array_equal(np.asarray(drawn, np.float32),
+                                  np.asarray(jax.random.normal(key, (2, 3, 5, 4), dtype), np.float32))

@@ -35,6 +35,7 @@ import numpy as np
 
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.diffusion.losses import mean_flat
+from dit_jax.noise import standard_normal
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
@@ -196,7 +197,7 @@ class FlowProcess:
     t_rng, noise_rng = jax.random.split(rng)
     t0, t1 = self.interval(self.train_eps)
     t = jax.random.uniform(t_rng, (x0.shape[0],), jnp.float32, t0, t1)
-    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    noise = standard_normal(noise_rng, x0.shape, x0.dtype)
     x_t, u_t = self.interpolate(x0, noise, t)
     out = model_fn(x_t, t, **(model_kwargs or {}))[..., :x0.shape[-1]].astype(jnp.float32)
     if self.prediction == "velocity":

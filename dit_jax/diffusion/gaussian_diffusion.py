@@ -29,6 +29,7 @@ import numpy as np
 from dit_jax.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from dit_jax.diffusion.schedules import extract_into_tensor as _extract_into_tensor
 from dit_jax.diffusion.schedules import get_named_beta_schedule, respace_betas, space_timesteps
+from dit_jax.noise import standard_normal
 
 # model_fn(x [N, H, W, C], timesteps [N] (original step numbers), **model_kwargs) -> output.
 ModelFn = Callable[..., jax.Array]
@@ -291,7 +292,7 @@ class GaussianDiffusion:
     if noise is None:
       if rng is None:
         raise ValueError("training_losses needs noise or an rng key to draw it")
-      noise = jax.random.normal(rng, x_start.shape, x_start.dtype)
+      noise = standard_normal(rng, x_start.shape, x_start.dtype)
     x_t = self.q_sample(x_start, t, noise)
     terms = {}
 
@@ -324,7 +325,7 @@ class GaussianDiffusion:
     official train.py draws them): `t_rng, noise_rng = jax.random.split(rng)`."""
     t_rng, noise_rng = jax.random.split(rng)
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, self.num_timesteps)
-    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    noise = standard_normal(noise_rng, x_start.shape, x_start.dtype)
     return self.training_losses(model_fn, x_start, t, model_kwargs, noise=noise)
 
 

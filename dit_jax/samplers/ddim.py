@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.diffusion.schedules import extract_into_tensor
+from dit_jax.noise import standard_normal
 from dit_jax.samplers.loop import (DenoisedFn, Loop, SamplerOptions, is_python_zero, nonzero_mask,
                                    reverse_steps, run, step_indices)
 
@@ -37,7 +38,7 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, t
   sample = (out["pred_xstart"] * jnp.sqrt(alpha_bar_prev)
             + jnp.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
   if not deterministic:
-    noise = jax.random.normal(rng, x.shape, x.dtype)
+    noise = standard_normal(rng, x.shape, x.dtype)
     sample = sample + nonzero_mask(t, x) * sigma * noise
   return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from dit_jax.diffusion import DiffusionProcess, GaussianDiffusion
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
+from dit_jax.noise import standard_normal
 from dit_jax.samplers.loop import (DenoisedFn, Loop, SamplerOptions, nonzero_mask,
                                    reverse_steps, run, step_indices)
 
@@ -21,7 +22,7 @@ def p_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, t: j
   """Ancestral sample of x_{t-1} (no noise where t == 0): dict(sample, pred_xstart)."""
   out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised,
                                   denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-  noise = jax.random.normal(rng, x.shape, x.dtype)
+  noise = standard_normal(rng, x.shape, x.dtype)
   sample = out["mean"] + nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * noise
   return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 

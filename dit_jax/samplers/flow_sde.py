@@ -26,6 +26,7 @@ import numpy as np
 
 from dit_jax.diffusion import FlowProcess
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
+from dit_jax.noise import standard_normal
 from dit_jax.samplers.flow_ode import prediction_fn
 from dit_jax.samplers.loop import Loop, SamplerOptions
 
@@ -91,6 +92,6 @@ def sampler(process: FlowProcess, model_fn: ModelFn, noise: jax.Array, rng: jax.
     out, t = predict(x, s["t"])
     velocity = process.velocity(out, x, t)
     score = process.score(out, x, t)
-    xi = jax.random.normal(jax.random.fold_in(rng, s["i"]), x.shape, x.dtype)
+    xi = standard_normal(jax.random.fold_in(rng, s["i"]), x.shape, x.dtype)
     return (s["a"] * x + s["b"] * velocity + s["c"] * score + s["d"] * xi).astype(x.dtype)
   return Loop(init=noise, step=step, xs=xs)

@@ -16,6 +16,7 @@ from dit_jax import samplers
 from dit_jax.diffusion import OFFICIAL_PROCESS, Process
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.models import DiT, unstack_block_params
+from dit_jax.noise import standard_normal
 from dit_jax.samplers.loop import SamplerOptions
 
 
@@ -81,7 +82,7 @@ def make_sample_fn(model: DiT, *, sampler: str = "ddim", num_steps: int = 50,
     noise_rng, loop_rng = jax.random.split(rng)
     n = labels.shape[0]
     shape = (n, model.input_size, model.input_size, model.in_channels)
-    noise = jax.random.normal(noise_rng, shape, jnp.float32)
+    noise = standard_normal(noise_rng, shape, jnp.float32)
     model_fn, noise, model_kwargs = guide(model, params, noise, labels, cfg_scale=cfg_scale,
                                           guidance_channels=guidance_channels)
     if batch_sharding is not None:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dit_jax.noise import standard_normal
 from dit_jax.vae.config import VAEConfig
 
 Dtype = Any
@@ -175,7 +176,7 @@ def sample_latent(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Arr
   Returns:
     [batch, h, w, latent_channels] float32.
   """
-  noise = jax.random.normal(rng, mean.shape, jnp.float32)
+  noise = standard_normal(rng, mean.shape, jnp.float32)
   return mean + jnp.exp(0.5 * logvar) * noise
 
 
