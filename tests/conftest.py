@@ -37,7 +37,7 @@ sys.path.insert(0, str(_GUARD_DIR))
 import open_guard  # noqa: E402  pylint: disable=wrong-import-position
 from gcs_emulator import Emulator, forget_clients, start_emulator, use_emulator  # noqa: E402
 # The tests draw their random inputs as the library draws its noise: flat, then reshaped.
-from dit_jax.noise import standard_normal as normal  # noqa: E402,F401  pylint: disable=unused-import
+from dit_jax.noise import standard_normal as normal  # noqa: E402,F401
 
 _GUARD_LOG = os.path.join(tempfile.mkdtemp(prefix="dit_open_guard_"), "outside_opens.log")
 os.environ[open_guard.LOG_ENV] = _GUARD_LOG

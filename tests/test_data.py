@@ -360,9 +360,13 @@ def test_folder_errors_name_the_path(tmp_path):
 def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path, caplog):
   import logging
   from dit_jax import logs
+  logs.setup()
+  # TensorFlow and tfds are imported before the clock starts: a first import of TensorFlow took
+  # 20 s on a busy 2-core machine, and the bound below is about download attempts.
+  logs.import_tensorflow()
+  import tensorflow_datasets  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
   start = time.monotonic()
   (tmp_path / "imagenet2012" / "5.1.0").mkdir(parents=True)  # a version folder, no metadata
-  logs.setup()
   with pytest.raises(DatasetNotFoundError) as info, caplog.at_level(logging.WARNING, "absl"):
     make_source("imagenet2012", data_dir=str(tmp_path))
   # tfds's warning about the folder is dropped: the error says what is missing.
